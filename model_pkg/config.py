@@ -1,0 +1,52 @@
+"""Model configuration: the limits and runtime choices fixed when the artifact is built.
+
+Stored as MLflow ``model_config`` in the MLmodel file (``build.py build --config key=value``),
+read back in ``load_context``; ``load_model(uri, model_config={...})`` and ``spark_udf(...,
+model_config={...})`` override single keys at load time. Device and dtype can also be chosen by the
+environment of the serving process (``SDXL_DEVICE``, ``SDXL_DTYPE``), which wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ModelConfig(BaseModel):
+    """Safe defaults for a shared endpoint; raise them for a trusted batch job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 elsewhere"
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads for torch; 0 leaves torch's default. Pin it for bit-identical CPU output"
+    )
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="largest width × height of a generated image")
+    max_steps: int = Field(150, ge=1, description="largest num_inference_steps / num_inference_steps_refiner")
+    max_rows: int = Field(10_000, ge=1, description="largest number of rows in one predict call")
+    max_batch_size: int = Field(8, ge=1, description="most rows sent to the pipeline in one call")
+    max_prompt_chars: int = Field(4_000, ge=1, description="longest prompt / negative_prompt, in characters")
+    max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
+    image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "WEBP"), description="accepted input image formats")
+
+
+def load_model_config(raw: dict[str, Any] | None, environ: dict[str, str] | None = None) -> ModelConfig:
+    """Validate the MLflow ``model_config`` dict (plus ``SDXL_DEVICE``/``SDXL_DTYPE`` overrides)."""
+    environ = os.environ if environ is None else environ
+    values = dict(raw or {})
+    for key in ("device", "dtype"):
+        if environ.get(f"SDXL_{key.upper()}"):
+            values[key] = environ[f"SDXL_{key.upper()}"]
+    try:
+        return ModelConfig.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "model_config"
+        raise MlflowException.invalid_parameter_value(f"Invalid model_config '{field}': {first['msg']}") from e

@@ -1,0 +1,113 @@
+"""Generation modes and batching: validated rows → images, one pipeline call per batch.
+
+Modes (``Settings.mode``), following the diffusers SDXL docs:
+
+- ``none``: the base alone.
+- ``ensemble``: "ensemble of expert denoisers": the base runs the first ``1 - refiner_ratio`` of the
+  schedule (``denoising_end``) and hands its latents to the refiner (``denoising_start``).
+- ``sequential``: the base denoises fully, the refiner runs img2img (SDEdit) on its latents with its
+  own steps, guidance and ``strength``.
+- ``img2img``: rows with an input image run the refiner as img2img (the Azure refiner model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+
+from model_pkg.pipelines import Pipelines, call_view
+from model_pkg.request import RowSpec, Settings
+
+# on_step(stage, step_index): called after every denoising step; stage is "base" or "refiner".
+StepCallback = Callable[[str, int], None]
+
+
+def plan_batches(rows: list[RowSpec], max_batch_size: int) -> list[list[RowSpec]]:
+    """Group rows that can share one pipeline call, in order of first appearance, chunked.
+
+    Rows must share their settings, and either all or none must have a negative prompt: a
+    missing negative prompt means zero embeddings in SDXL, an empty string does not.
+    """
+    groups: dict[tuple[Settings, bool], list[RowSpec]] = {}
+    for row in rows:
+        groups.setdefault((row.settings, bool(row.negative_prompt)), []).append(row)
+    return [group[i : i + max_batch_size] for group in groups.values() for i in range(0, len(group), max_batch_size)]
+
+
+def _step_callback(stage: str, on_step: StepCallback | None) -> dict[str, Any]:
+    if on_step is None:
+        return {}
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        on_step(stage, step)
+        return tensors
+
+    return {"callback_on_step_end": callback}
+
+
+def generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback | None = None) -> list[Image.Image]:
+    """Run one batched pipeline call for rows that share :class:`Settings` (see :func:`plan_batches`)."""
+    s = rows[0].settings
+    common = dict(
+        prompt=[r.prompt for r in rows],
+        negative_prompt=[r.negative_prompt for r in rows] if rows[0].negative_prompt else None,
+        # one CPU generator per row: each image depends only on its own seed, batched or not,
+        # and the same seed gives the same initial noise on CPU and GPU
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows],
+    )
+    base = call_view(pipes.base, s.scheduler, s.timestep_spacing)
+    refiner = call_view(pipes.refiner, s.scheduler, s.timestep_spacing)
+    base_args = dict(
+        common,
+        height=s.height,
+        width=s.width,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+        **_step_callback("base", on_step),
+    )
+    refine = _step_callback("refiner", on_step)
+
+    if s.mode == "img2img":
+        return refiner(
+            **common,
+            image=[r.image for r in rows],
+            strength=s.strength,
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            **refine,
+        ).images
+    if s.mode == "none":
+        return base(**base_args).images
+    if s.mode == "ensemble":
+        split = 1.0 - s.refiner_ratio
+        latents = base(**base_args, denoising_end=split, output_type="latent").images
+        return refiner(
+            **common,
+            image=latents,
+            num_inference_steps=s.num_inference_steps,
+            denoising_start=split,
+            guidance_scale=s.guidance_scale_refiner,
+            **refine,
+        ).images
+    if s.mode == "sequential":
+        latents = base(**base_args, output_type="latent").images
+        return refiner(
+            **common,
+            image=latents,
+            strength=s.strength,
+            num_inference_steps=s.num_inference_steps_refiner,
+            guidance_scale=s.guidance_scale_refiner,
+            **refine,
+        ).images
+    raise ValueError(f"unknown mode {s.mode!r}")
+
+
+def generate(
+    pipes: Pipelines, rows: list[RowSpec], max_batch_size: int, on_step: StepCallback | None = None
+) -> Iterator[tuple[list[RowSpec], list[Image.Image]]]:
+    """Yield each batch of rows with its images, batching rows that share a configuration."""
+    for batch in plan_batches(rows, max_batch_size):
+        yield batch, generate_batch(pipes, batch, on_step)

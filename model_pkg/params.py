@@ -1,0 +1,108 @@
+"""Generation params: names, types, defaults and ranges (SPEC §3), in one pydantic model.
+
+The MLflow ``ParamSchema`` of the artifact is derived from :class:`GenerationParams` (see
+``contract.py``), so this class is the single source of the defaults. MLflow always fills every
+param in, so "not given" is spelled with a sentinel: ``seed=-1`` draws a random seed,
+``num_inference_steps_refiner=-1`` / ``guidance_scale_refiner=-1`` inherit the base values,
+``aspect_ratio=""`` uses ``height``/``width``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from model_pkg.schedulers import TIMESTEP_SPACINGS, canonical_scheduler, scheduler_names
+
+MAX_SEED = 2**32 - 1  # the seed range of the SDXL services; exact in float64 (pandas, JSON, Spark)
+
+# Seed 004 (Stability's SDXL 1.0 resolutions): aspect ratio → (width, height).
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "4:3": (1152, 896),
+    "3:4": (896, 1152),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "21:9": (1536, 640),
+    "9:21": (640, 1536),
+}
+
+# Params that may also come as per-row columns of the input (Spark UDF params are fixed per UDF).
+ROW_FIELDS = (
+    "negative_prompt",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "strength",
+    "aspect_ratio",
+)
+
+
+class GenerationParams(BaseModel):
+    """Per-request generation params; rows may override :data:`ROW_FIELDS`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    refiner: Literal["none", "ensemble", "sequential"] = Field(
+        "ensemble",
+        description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
+        "(denoising_end/denoising_start); sequential: base then refiner img2img",
+    )
+    refiner_ratio: float = Field(0.2, gt=0, lt=1, description="ensemble: fraction of the steps run by the refiner")
+    num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
+    num_inference_steps_refiner: int = Field(-1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps")
+    guidance_scale: float = Field(5.0, ge=0, le=50, description="classifier-free guidance")
+    guidance_scale_refiner: float = Field(-1.0, ge=-1, le=50, description="refiner guidance; -1 = guidance_scale")
+    strength: float = Field(0.3, gt=0, le=1, description="img2img (image rows, sequential refiner): noise added")
+    negative_prompt: str = Field("", description="what not to draw")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
+    height: int = Field(1024, ge=64, description="pixels, multiple of 8")
+    width: int = Field(1024, ge=64, description="pixels, multiple of 8")
+    aspect_ratio: Literal["", *ASPECT_RATIOS] = Field(  # type: ignore[valid-type]
+        "", description="one of the SDXL resolutions; overrides height/width"
+    )
+    scheduler: str = Field("default", description="default (packaged) or a sampler name, e.g. DDIM, K_EULER, K_DPMPP_2M")
+    timestep_spacing: Literal[TIMESTEP_SPACINGS] = Field(  # type: ignore[valid-type]
+        "default", description="default (packaged), linspace, leading or trailing"
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="encoding of generated_image")
+    safety_filter: bool = Field(True, description="black out images the safety checker flags")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        canonical = canonical_scheduler(name)
+        if canonical is None:
+            raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(scheduler_names())}")
+        return canonical
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def format_error(error: ValidationError, where: str) -> str:
+    """One line per problem: ``<where> '<field>': <message> (got <value>)``."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown"
+        lines.append(f"{where} '{field}': {message} (got {item['input']!r:.80})")
+    return "; ".join(lines)
+
+
+def parse_params(params: dict | None) -> GenerationParams:
+    """Validate request params; unknown names are refused (MLflow serving drops them earlier)."""
+    try:
+        return GenerationParams.model_validate(params or {})
+    except ValidationError as e:
+        raise MlflowException.invalid_parameter_value(format_error(e, "Invalid param")) from e

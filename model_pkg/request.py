@@ -1,0 +1,219 @@
+"""Request parsing: the input DataFrame + request params → one validated :class:`RowSpec` per row.
+
+Everything a user can get wrong is checked here, before any pipeline runs, and reported as an
+``MlflowException`` (HTTP 400 in serving) that names the row and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from PIL import Image
+from pydantic import ValidationError
+
+from model_pkg.config import ModelConfig
+from model_pkg.image_codec import ImageError, decode_image
+from model_pkg.params import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
+
+VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What rows must share to be generated in one batched pipeline call (hashable: a group key)."""
+
+    mode: str  # "none" | "ensemble" | "sequential" | "img2img"
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    refiner_ratio: float
+    num_inference_steps_refiner: int
+    guidance_scale_refiner: float
+    strength: float
+    scheduler: str
+    timestep_spacing: str
+    output_format: str
+    safety_filter: bool
+
+
+@dataclass(frozen=True, eq=False)
+class RowSpec:
+    """One output image: what to generate and with which seed."""
+
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    image: Image.Image | None
+    settings: Settings
+
+
+class RowError(MlflowException):
+    """A row that cannot be generated; ``row`` is its position in the input."""
+
+    def __init__(self, row: int, message: str):
+        super().__init__(f"Row {row}: {message}", error_code="INVALID_PARAMETER_VALUE")
+        self.row = row
+        self.reason = message
+
+
+def _present(value: Any) -> bool:
+    """True for a real value; None, NaN and pandas NA mean "not given" (a missing JSON key, a Spark null)."""
+    if value is None or value is pd.NA:
+        return False
+    return not (isinstance(value, float) and math.isnan(value))
+
+
+def _python(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def _check_size(height: int, width: int, limits: ModelConfig, what: str) -> None:
+    if height % VAE_SCALE or width % VAE_SCALE:
+        raise ValueError(f"{what} {width}×{height}: width and height must be multiples of {VAE_SCALE}")
+    if height * width > limits.max_pixels:
+        raise ValueError(f"{what} {width}×{height} is over the {limits.max_pixels}-pixel limit (max_pixels)")
+
+
+def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | None) -> Settings:
+    """Resolve sentinels and cross-field rules into the concrete settings of one row."""
+    steps_refiner = p.num_inference_steps if p.num_inference_steps_refiner == -1 else p.num_inference_steps_refiner
+    guidance_refiner = p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner
+    for name, steps in (("num_inference_steps", p.num_inference_steps), ("num_inference_steps_refiner", steps_refiner)):
+        if steps > limits.max_steps:
+            raise ValueError(f"'{name}' {steps} is over the limit of {limits.max_steps} (max_steps)")
+
+    if image is not None:
+        mode = "img2img"
+        # diffusers floors an input image to multiples of the VAE scale; the output has that size
+        width, height = (x - x % VAE_SCALE for x in image.size)
+        if min(width, height) < 64:
+            raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least 64×64 is needed")
+        _check_size(height, width, limits, "'image'")
+    else:
+        mode = p.refiner
+        width, height = ASPECT_RATIOS[p.aspect_ratio] if p.aspect_ratio else (p.width, p.height)
+        _check_size(height, width, limits, "'height'/'width'")
+
+    img2img_steps = {"img2img": p.num_inference_steps, "sequential": steps_refiner}.get(mode)
+    if img2img_steps is not None and int(img2img_steps * p.strength) < 1:
+        steps_name = "num_inference_steps" if mode == "img2img" else "num_inference_steps_refiner"
+        raise ValueError(
+            f"'strength' {p.strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
+        )
+    if mode == "ensemble":
+        refiner_steps = round(p.num_inference_steps * p.refiner_ratio)
+        if not 1 <= refiner_steps < p.num_inference_steps:
+            raise ValueError(
+                f"'refiner_ratio' {p.refiner_ratio} × 'num_inference_steps' {p.num_inference_steps} must leave "
+                "at least one step to the base and one to the refiner; raise num_inference_steps"
+            )
+    return Settings(
+        mode=mode,
+        height=height,
+        width=width,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        refiner_ratio=p.refiner_ratio,
+        num_inference_steps_refiner=steps_refiner,
+        guidance_scale_refiner=guidance_refiner,
+        strength=p.strength,
+        scheduler=p.scheduler,
+        timestep_spacing=p.timestep_spacing,
+        output_format=p.output_format,
+        safety_filter=p.safety_filter,
+    )
+
+
+def _image(value: Any, limits: ModelConfig) -> Image.Image | None:
+    if not _present(value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"'image' must be a base64 string, got {type(value).__name__}")
+    try:
+        return decode_image(
+            value, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, formats=limits.image_formats
+        )
+    except ImageError as e:
+        raise ValueError(f"'image': {e}") from None
+
+
+def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
+    if not _present(value):
+        if required:
+            raise ValueError(f"'{field}' is required")
+        return ""
+    if not isinstance(value, str):
+        hint = " (pass a pandas DataFrame, one row per image)" if isinstance(value, (list, np.ndarray)) else ""
+        raise ValueError(f"'{field}' must be a string, got {type(value).__name__}{hint}")
+    if required and not value.strip():
+        raise ValueError(f"'{field}' is empty")
+    if len(value) > limits.max_prompt_chars:
+        raise ValueError(f"'{field}' has {len(value)} characters, over the {limits.max_prompt_chars} limit")
+    return value
+
+
+def parse_row(index: int, row: dict[str, Any], request: GenerationParams, limits: ModelConfig) -> RowSpec:
+    """Validate one input row against the request params; raises :class:`RowError`."""
+    try:
+        prompt = _prompt(row.get("prompt"), "prompt", limits, required=True)
+        overrides = {k: _python(row[k]) for k in ROW_FIELDS if k in row and _present(row[k])}
+        if ("height" in overrides or "width" in overrides) and "aspect_ratio" not in overrides:
+            overrides["aspect_ratio"] = ""  # the row's own size beats the request's aspect ratio
+        try:
+            params = GenerationParams.model_validate({**request.model_dump(), **overrides}) if overrides else request
+        except ValidationError as e:
+            raise ValueError(format_error(e, "column").removeprefix("column ")) from None
+        negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
+        image = _image(row.get("image"), limits)
+        if "seed" in overrides and params.seed != -1:
+            seed = params.seed
+        elif request.seed != -1:
+            seed = request.seed + index
+            if seed > MAX_SEED:
+                raise ValueError(f"request 'seed' {request.seed} + row {index} is over {MAX_SEED}; pass per-row seeds")
+        else:
+            seed = _random_seed()
+        settings = _settings(params, limits, image)
+    except ValueError as e:
+        raise RowError(index, str(e)) from None
+    return RowSpec(index, prompt, negative_prompt, seed, image, settings)
+
+
+def parse_request(model_input: Any, params: dict | None, limits: ModelConfig) -> list[RowSpec]:
+    """Validate a whole request; the first bad row raises with its row number."""
+    request = parse_params(params)
+    frame = to_frame(model_input, limits)
+    return [parse_row(i, row, request, limits) for i, row in enumerate(frame.to_dict("records"))]
+
+
+def to_frame(model_input: Any, limits: ModelConfig) -> pd.DataFrame:
+    """The input as a DataFrame with a ``prompt`` column and at most ``max_rows`` rows."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    elif isinstance(model_input, list):
+        model_input = pd.DataFrame(model_input if model_input and isinstance(model_input[0], dict) else {"prompt": model_input})
+    if not isinstance(model_input, pd.DataFrame):
+        raise MlflowException.invalid_parameter_value(
+            f"Expected a DataFrame with a 'prompt' column, got {type(model_input).__name__}"
+        )
+    if "prompt" not in model_input.columns:
+        raise MlflowException.invalid_parameter_value("Missing required column 'prompt'")
+    if model_input.empty:
+        raise MlflowException.invalid_parameter_value("The request has no rows; send at least one prompt")
+    if len(model_input) > limits.max_rows:
+        raise MlflowException.invalid_parameter_value(
+            f"The request has {len(model_input)} rows, over the limit of {limits.max_rows} (max_rows)"
+        )
+    return model_input.reset_index(drop=True)

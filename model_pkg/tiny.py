@@ -1,0 +1,215 @@
+"""Tiny random-weight SDXL 1.0 base + refiner (+ safety checker), written in diffusers format.
+
+Built from the real diffusers/transformers classes with the real SDXL wiring (two text encoders,
+text-time conditioning, aesthetic-score refiner, a VAE with scale factor 8), only very small.
+Used by the tests and the demo so that the whole build → log → serve → Spark → registry path runs
+without downloading anything. Deterministic from ``seed``; builds in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+TEXT_HIDDEN = 32
+TIME_EMBED_DIM = 8
+# The SDXL 1.0 scheduler config (stabilityai/stable-diffusion-xl-base-1.0/scheduler).
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+_WORDS = "a an the of on in with and cat dog hat face park bench yellow green red blue photo art high resolution sitting".split()
+
+
+@dataclass(frozen=True)
+class TinySDXL:
+    """Where :func:`write_tiny_sdxl` put each component."""
+
+    base: Path
+    refiner: Path
+    safety_checker: Path | None
+
+
+def write_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with a small vocabulary, written locally (no hub).
+
+    Every byte maps to a token (so any text tokenizes, and different words get different ids);
+    a few merges give whole-word tokens for common prompt words.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab_tokens = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            parts = [parts[0] + parts[1], *parts[2:]]
+            if parts[0] not in vocab_tokens:
+                vocab_tokens.append(parts[0])
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    assert len(tokenizer) == len(vocab_tokens), "tokenizer did not read the local vocabulary"
+    return tokenizer
+
+
+def _text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _unet(cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        # SDXL: time ids (6 for base, 5 for the aesthetic-score refiner) + pooled text_encoder_2
+        projection_class_embeddings_input_dim=time_ids * TIME_EMBED_DIM + TEXT_HIDDEN,
+        transformer_layers_per_block=1,
+        norm_num_groups=32,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    # Four blocks → scale factor 8, as SDXL's, so latent sizes and size rules behave as in production.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+
+def tiny_safety_checker(flag: str = "never"):
+    """A tiny ``StableDiffusionSafetyChecker``; ``flag`` forces its verdict through its own weights.
+
+    ``never``: concept weights so high no cosine distance reaches them; ``always``: negative weights,
+    so every image passes the threshold. The checker's own logic decides, nothing is patched.
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=TEXT_HIDDEN, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37),
+        vision_config=dict(
+            hidden_size=TEXT_HIDDEN, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+            image_size=32, patch_size=4,
+        ),
+        projection_dim=TEXT_HIDDEN,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    threshold = {"never": 10.0, "always": -10.0}[flag]
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    return checker
+
+
+def write_tiny_sdxl(out_dir: str | Path, seed: int = 0, safety_checker: str | None = None) -> TinySDXL:
+    """Write tiny random-weight SDXL base and refiner pipelines (and optionally a safety checker).
+
+    The refiner shares ``text_encoder_2``, ``tokenizer_2`` and ``vae`` with the base, as SDXL 1.0
+    does; like the published refiner folder, it still stores its own copy of them on disk.
+    ``safety_checker`` is ``None`` (no checker), ``"never"`` or ``"always"`` (see :func:`tiny_safety_checker`).
+    """
+    out = Path(out_dir)
+    tokenizer = write_tokenizer(out / "_tokenizer")
+    vocab_size = len(tokenizer)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(vocab_size)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size)).eval()
+    vae = _vae().eval()
+    base_unet = _unet(cross_attention_dim=2 * TEXT_HIDDEN, time_ids=6).eval()
+    refiner_unet = _unet(cross_attention_dim=TEXT_HIDDEN, time_ids=5).eval()
+
+    base = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=base_unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        add_watermarker=False,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=refiner_unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    base.save_pretrained(out / "base", safe_serialization=True)
+    refiner.save_pretrained(out / "refiner", safe_serialization=True)
+
+    checker_dir = None
+    if safety_checker is not None:
+        checker_dir = out / "safety_checker"
+        tiny_safety_checker(safety_checker).save_pretrained(checker_dir, safe_serialization=True)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            checker_dir
+        )
+    return TinySDXL(base=out / "base", refiner=out / "refiner", safety_checker=checker_dir)

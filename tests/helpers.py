@@ -1,0 +1,34 @@
+"""Small helpers shared by the tests: decoding outputs, making real input images."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+# Small, fast settings every test can share: 64×64 at 10 steps takes ~0.1 s with the tiny models.
+FAST = {"num_inference_steps": 10, "height": 64, "width": 64}
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(decode(b64).convert("RGB"), dtype=np.int16)
+
+
+def png_b64(color=(200, 40, 40), size=(96, 64)) -> str:
+    """A real PNG of a shape on a background, base64-encoded."""
+    image = Image.new("RGB", size, (30, 90, 160))
+    image.paste(color, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def frame(*rows: dict) -> pd.DataFrame:
+    return pd.DataFrame(list(rows))

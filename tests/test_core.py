@@ -1,0 +1,218 @@
+"""The core artifact: build → log → load → predict, equal to raw diffusers, batched, shared components."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from helpers import FAST, decode, frame, pixels, png_b64
+
+from model_pkg.azure import azure_request_to_frame, loads_lenient, to_azure_response
+from model_pkg.config import ModelConfig
+from model_pkg.contract import OUTPUT_COLUMNS
+from model_pkg.generation import generate, plan_batches
+from model_pkg.packaging import log_artifact, stage_components
+from model_pkg.request import parse_request
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SEED_001_BODY = """{
+"input_data": {
+"columns": ["prompt", "image"],
+"data": [
+{
+"prompt": "Face of a yellow cat, high resolution, sitting on a park bench",
+"image": "IMAGE1",
+},
+{
+"prompt": "Face of a green cat, high resolution, sitting on a park bench",
+"image": "IMAGE2",
+}
+],
+"index": [0, 1]
+}
+}"""
+
+
+def three_rows() -> pd.DataFrame:
+    return frame(
+        {"prompt": "a cat with a hat", "seed": 1},
+        {"prompt": "a dog on a bench", "seed": 2},
+        {"prompt": "a green cat", "image": png_b64(size=(96, 64)), "seed": 3},
+    )
+
+
+def test_log_load_predict_three_rows(tiny, tmp_path, sqlite_tracking):
+    staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
+    with mlflow.start_run():
+        info = log_artifact(staged, name="sdxl")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+
+    out = model.predict(three_rows(), params=FAST)
+
+    assert list(out.columns) == list(OUTPUT_COLUMNS)
+    assert out["prompt"].tolist() == ["a cat with a hat", "a dog on a bench", "a green cat"]
+    assert out["seed"].tolist() == [1, 2, 3]
+    assert out["nsfw_content_detected"].isna().all()  # no safety checker packaged
+    assert [decode(b).size for b in out["generated_image"]] == [(64, 64), (64, 64), (96, 64)]
+    assert all(decode(b).format == "PNG" for b in out["generated_image"])
+
+    again = model.predict(three_rows(), params=FAST)
+    assert again["generated_image"].tolist() == out["generated_image"].tolist()  # same seeds → same bytes
+
+    other = model.predict(three_rows().assign(seed=[11, 12, 13]), params=FAST)
+    for a, b in zip(out["generated_image"], other["generated_image"], strict=True):
+        assert np.abs(pixels(a) - pixels(b)).mean() > 1  # different seeds → different images
+
+
+def test_returned_random_seed_reproduces_the_image(model):
+    first = model.predict(frame({"prompt": "a red hat"}), params=FAST)  # no seed: random
+    seed = int(first["seed"][0])
+    replay = model.predict(frame({"prompt": "a red hat", "seed": seed}), params=FAST)
+    assert replay["generated_image"][0] == first["generated_image"][0]
+
+
+def test_request_seed_gives_row_i_seed_plus_i(model):
+    out = model.predict(frame({"prompt": "a cat"}, {"prompt": "a cat"}, {"prompt": "a cat"}), params=FAST | {"seed": 7})
+    assert out["seed"].tolist() == [7, 8, 9]
+    assert out["generated_image"].nunique() == 3
+    alone = model.predict(frame({"prompt": "a cat", "seed": 8}), params=FAST)
+    assert alone["generated_image"][0] == out["generated_image"][1]
+
+
+@pytest.fixture(scope="module")
+def raw(tiny):
+    """The plain diffusers pipelines, loaded the way the diffusers SDXL docs do it."""
+    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny.refiner, text_encoder_2=base.text_encoder_2, vae=base.vae
+    )
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner
+
+
+def raw_image(raw, mode: str, prompt: str, seed: int, image=None):
+    base, refiner = raw
+    g = torch.Generator().manual_seed(seed)
+    args = dict(prompt=prompt, height=64, width=64, num_inference_steps=10, generator=g)
+    if mode == "none":
+        return base(**args).images[0]
+    if mode == "ensemble":
+        latents = base(**args, denoising_end=0.8, output_type="latent").images
+        return refiner(prompt=prompt, image=latents, num_inference_steps=10, denoising_start=0.8, generator=g).images[0]
+    if mode == "sequential":
+        latents = base(**args, output_type="latent").images
+        return refiner(prompt=prompt, image=latents, strength=0.3, num_inference_steps=10, generator=g).images[0]
+    return refiner(prompt=prompt, image=image, strength=0.3, num_inference_steps=10, generator=g).images[0]
+
+
+@pytest.mark.parametrize("mode", ["none", "ensemble", "sequential", "img2img"])
+def test_pyfunc_equals_raw_diffusers(model, raw, mode):
+    image_b64 = png_b64(size=(64, 64)) if mode == "img2img" else None
+    row = {"prompt": "a yellow cat on a bench", "seed": 5} | ({"image": image_b64} if image_b64 else {})
+    params = FAST | ({"refiner": mode} if mode != "img2img" else {})
+
+    ours = pixels(model.predict(frame(row), params=params)["generated_image"][0])
+    theirs = raw_image(raw, mode, row["prompt"], 5, decode(image_b64).convert("RGB") if image_b64 else None)
+
+    np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.int16))
+
+
+def count_steps(model, rows: pd.DataFrame, params: dict) -> tuple[Counter, int]:
+    """(steps per stage, pipeline batches) for a request, observed through diffusers' step callback."""
+    python_model = model.unwrap_python_model()
+    specs = parse_request(rows, params, python_model.config)
+    steps: Counter = Counter()
+    batches = list(generate(python_model.pipelines, specs, 8, on_step=lambda stage, i: steps.update([stage])))
+    return steps, len(batches)
+
+
+@pytest.mark.parametrize(
+    ("params", "image", "expected"),
+    [
+        ({"refiner": "none"}, None, {"base": 10}),
+        ({"refiner": "ensemble", "refiner_ratio": 0.2}, None, {"base": 8, "refiner": 2}),
+        ({"refiner": "ensemble", "refiner_ratio": 0.5}, None, {"base": 5, "refiner": 5}),
+        ({"refiner": "sequential", "num_inference_steps_refiner": 20}, None, {"base": 10, "refiner": 6}),
+        ({"refiner": "ensemble", "strength": 0.5}, png_b64(size=(64, 64)), {"refiner": 5}),  # image rows: img2img
+    ],
+)
+def test_each_mode_runs_the_expected_steps(model, params, image, expected):
+    row = {"prompt": "a cat", "seed": 1} | ({"image": image} if image else {})
+    steps, _ = count_steps(model, frame(row), FAST | params)
+    assert dict(steps) == expected
+
+
+def test_rows_sharing_a_configuration_run_as_one_call_equal_to_single_calls(model):
+    rows = frame(
+        {"prompt": "a cat", "seed": 1},
+        {"prompt": "a dog", "seed": 2},
+        {"prompt": "a hat", "seed": 3, "height": 96},  # other size: its own call
+        {"prompt": "a bench", "seed": 4},
+    )
+    steps, batches = count_steps(model, rows, FAST | {"refiner": "none"})
+    assert batches == 2 and steps["base"] == 2 * 10  # 3 rows in one call + 1 row, not 4 calls
+
+    batched = model.predict(rows, params=FAST | {"refiner": "none"})
+    for i in range(len(rows)):
+        single = model.predict(rows.iloc[[i]], params=FAST | {"refiner": "none"})
+        assert np.abs(pixels(single["generated_image"][0]) - pixels(batched["generated_image"][i])).max() <= 1
+    assert [decode(b).size for b in batched["generated_image"]] == [(64, 64), (64, 64), (64, 96), (64, 64)]
+
+
+def test_negative_prompt_presence_splits_batches():
+    """A missing negative prompt means zero embeddings in SDXL; mixing it with given ones would change images."""
+    specs = parse_request(
+        frame({"prompt": "a"}, {"prompt": "b", "negative_prompt": "blurry"}, {"prompt": "c"}), FAST, ModelConfig()
+    )
+    assert [[r.index for r in batch] for batch in plan_batches(specs, 8)] == [[0, 2], [1]]
+
+
+def test_shared_components_are_stored_once_and_loaded_once(artifact, tiny, model):
+    sdxl = artifact / "artifacts" / "sdxl"
+    manifest = json.loads((sdxl / "components.json").read_text())
+    assert sorted(manifest["shared"]) == ["text_encoder_2", "tokenizer_2", "vae"]
+    assert sorted(p.name for p in (sdxl / "refiner").iterdir()) == ["model_index.json", "scheduler", "unet"]
+    stored = sum(p.stat().st_size for p in sdxl.rglob("*.safetensors"))
+    unique = sum(p.stat().st_size for p in tiny.base.rglob("*.safetensors")) + sum(
+        p.stat().st_size for p in (tiny.refiner / "unet").rglob("*.safetensors")
+    )
+    assert stored == unique
+
+    pipes = model.unwrap_python_model().pipelines
+    assert pipes.refiner.vae is pipes.base.vae
+    assert pipes.refiner.text_encoder_2 is pipes.base.text_encoder_2
+    assert pipes.refiner.tokenizer_2 is pipes.base.tokenizer_2
+    assert pipes.refiner.text_encoder is None
+
+
+def test_seed_001_body_converts_scores_and_answers_in_azure_shape(model):
+    body = json.loads((SAMPLES / "azure_request.json").read_text())
+    df, params = azure_request_to_frame(body)
+    assert list(df.columns) == ["prompt", "image"] and len(df) == 2
+
+    out = model.predict(df, params=FAST)
+    response = to_azure_response(out)
+
+    assert [list(r) for r in response] == [["prompt", "generated_image", "nsfw_content_detected"]] * 2
+    assert [r["prompt"] for r in response] == df["prompt"].tolist()
+    assert all(r["nsfw_content_detected"] is None for r in response)
+    assert [decode(r["generated_image"]).size for r in response] == [(128, 128), (128, 128)]  # the inputs' size
+
+
+def test_seed_001_body_as_written_with_trailing_commas_and_object_rows():
+    image1, image2 = png_b64((250, 200, 0)), png_b64((0, 200, 0))
+    df, params = azure_request_to_frame(SEED_001_BODY.replace("IMAGE1", image1).replace("IMAGE2", image2))
+    assert df.to_dict("records") == [
+        {"prompt": "Face of a yellow cat, high resolution, sitting on a park bench", "image": image1},
+        {"prompt": "Face of a green cat, high resolution, sitting on a park bench", "image": image2},
+    ]
+    assert params == {}
+    assert loads_lenient('{"a": ["x, ]", 1,], "b": "}",}') == {"a": ["x, ]", 1], "b": "}"}
