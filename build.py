@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Build the SDXL pyfunc artifact.
 
-  python build.py build --base DIR --refiner DIR --output PATH     # real SDXL 1.0 folders
-  python build.py build --tiny --output PATH                       # tiny random weights (demo, tests)
-  python build.py build --tiny --log [--name sdxl]                 # log to MLFLOW_TRACKING_URI instead
-  python build.py template                                         # re-render MLmodel_template/signature.json
+python build.py build --base DIR --refiner DIR --output PATH     # real SDXL 1.0 folders
+python build.py build --tiny --output PATH                       # tiny random weights (demo, tests)
+python build.py build --tiny --log [--name sdxl]                 # log to MLFLOW_TRACKING_URI instead
+python build.py template                                         # re-render MLmodel_template/signature.json
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         "--tiny-safety-checker", choices=["never", "always"], help="--tiny: add a tiny checker that never/always flags"
     )
     build.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
-    build.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="model_config (limits, device)")
+    build.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help="model_config (limits, device)"
+    )
     build.add_argument("--output", help="model directory to write")
     build.add_argument("--log", action="store_true", help="log to the active MLflow tracking URI instead")
     build.add_argument("--name", default="sdxl", help="--log: logged model name")

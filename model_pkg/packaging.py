@@ -47,9 +47,7 @@ def _select_files(component: Path, variant: str) -> list[Path]:
     pickled = [p for p in files if p.suffix in PICKLED_SUFFIXES]
     weights = [p for p in files if p.suffix == ".safetensors"]
     if pickled and not weights:
-        raise BuildError(
-            f"{component} has only pickled weights ({pickled[0].name}); convert them to safetensors first"
-        )
+        raise BuildError(f"{component} has only pickled weights ({pickled[0].name}); convert them to safetensors first")
     half = [p for p in weights if ".fp16." in p.name]
     full = [p for p in weights if ".fp16." not in p.name]
     if variant == "fp16" and half:
@@ -97,18 +95,16 @@ def stage_components(
     base, refiner, out = Path(base), Path(refiner), Path(out)
     hashes: dict[str, str] = {}
     shared: list[str] = []
-    base_files: dict[str, list[Path]] = {}
-    for role, src, cls in (
-        ("base", base, "StableDiffusionXLPipeline"),
-        ("refiner", refiner, "StableDiffusionXLImg2ImgPipeline"),
-    ):
+    pipelines = {  # validated before anything is written
+        "base": (base, _components(base, "StableDiffusionXLPipeline")),
+        "refiner": (refiner, _components(refiner, "StableDiffusionXLImg2ImgPipeline")),
+    }
+    for role, (src, components) in pipelines.items():
         _place(src / "model_index.json", out / role / "model_index.json")
-        for name in _components(src, cls):
+        for name in components:
             files = _select_files(src / name, variant)
             digest = _hash(files, src / name)
-            if role == "base":
-                base_files[name] = files
-            elif name in SHAREABLE and hashes.get(f"base/{name}") == digest:
+            if role == "refiner" and name in SHAREABLE and hashes.get(f"base/{name}") == digest:
                 shared.append(name)  # identical to the base's: stored and loaded once
                 continue
             hashes[f"{role}/{name}"] = digest

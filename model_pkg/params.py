@@ -56,7 +56,9 @@ class GenerationParams(BaseModel):
     )
     refiner_ratio: float = Field(0.2, gt=0, lt=1, description="ensemble: fraction of the steps run by the refiner")
     num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
-    num_inference_steps_refiner: int = Field(-1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps")
+    num_inference_steps_refiner: int = Field(
+        -1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps"
+    )
     guidance_scale: float = Field(5.0, ge=0, le=50, description="classifier-free guidance")
     guidance_scale_refiner: float = Field(-1.0, ge=-1, le=50, description="refiner guidance; -1 = guidance_scale")
     strength: float = Field(0.3, gt=0, le=1, description="img2img (image rows, sequential refiner): noise added")
@@ -67,7 +69,9 @@ class GenerationParams(BaseModel):
     aspect_ratio: Literal["", *ASPECT_RATIOS] = Field(  # type: ignore[valid-type]
         "", description="one of the SDXL resolutions; overrides height/width"
     )
-    scheduler: str = Field("default", description="default (packaged) or a sampler name, e.g. DDIM, K_EULER, K_DPMPP_2M")
+    scheduler: str = Field(
+        "default", description="default (packaged) or a sampler name, e.g. DDIM, K_EULER, K_DPMPP_2M"
+    )
     timestep_spacing: Literal[TIMESTEP_SPACINGS] = Field(  # type: ignore[valid-type]
         "default", description="default (packaged), linspace, leading or trailing"
     )

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from pydantic import ValidationError
 
@@ -59,7 +60,7 @@ class RowError(MlflowException):
     """A row that cannot be generated; ``row`` is its position in the input."""
 
     def __init__(self, row: int, message: str):
-        super().__init__(f"Row {row}: {message}", error_code="INVALID_PARAMETER_VALUE")
+        super().__init__(f"Row {row}: {message}", error_code=INVALID_PARAMETER_VALUE)  # HTTP 400
         self.row = row
         self.reason = message
 
@@ -86,13 +87,32 @@ def _check_size(height: int, width: int, limits: ModelConfig, what: str) -> None
         raise ValueError(f"{what} {width}×{height} is over the {limits.max_pixels}-pixel limit (max_pixels)")
 
 
-def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | None) -> Settings:
-    """Resolve sentinels and cross-field rules into the concrete settings of one row."""
-    steps_refiner = p.num_inference_steps if p.num_inference_steps_refiner == -1 else p.num_inference_steps_refiner
-    guidance_refiner = p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner
-    for name, steps in (("num_inference_steps", p.num_inference_steps), ("num_inference_steps_refiner", steps_refiner)):
+def _refiner_steps(p: GenerationParams) -> int:
+    return p.num_inference_steps if p.num_inference_steps_refiner == -1 else p.num_inference_steps_refiner
+
+
+def _size(p: GenerationParams) -> tuple[int, int]:
+    """(width, height) of a text-to-image row."""
+    return ASPECT_RATIOS[p.aspect_ratio] if p.aspect_ratio else (p.width, p.height)
+
+
+def check_limits(p: GenerationParams, limits: ModelConfig) -> None:
+    """The configured limits that any row with these params must respect."""
+    for name, steps in (
+        ("num_inference_steps", p.num_inference_steps),
+        ("num_inference_steps_refiner", _refiner_steps(p)),
+    ):
         if steps > limits.max_steps:
             raise ValueError(f"'{name}' {steps} is over the limit of {limits.max_steps} (max_steps)")
+    width, height = _size(p)
+    _check_size(height, width, limits, "'height'/'width'")
+
+
+def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | None) -> Settings:
+    """Resolve sentinels and cross-field rules into the concrete settings of one row."""
+    steps_refiner = _refiner_steps(p)
+    guidance_refiner = p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner
+    check_limits(p, limits)
 
     if image is not None:
         mode = "img2img"
@@ -103,8 +123,7 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         _check_size(height, width, limits, "'image'")
     else:
         mode = p.refiner
-        width, height = ASPECT_RATIOS[p.aspect_ratio] if p.aspect_ratio else (p.width, p.height)
-        _check_size(height, width, limits, "'height'/'width'")
+        width, height = _size(p)
 
     img2img_steps = {"img2img": p.num_inference_steps, "sequential": steps_refiner}.get(mode)
     if img2img_steps is not None and int(img2img_steps * p.strength) < 1:
@@ -194,6 +213,10 @@ def parse_row(index: int, row: dict[str, Any], request: GenerationParams, limits
 def parse_request(model_input: Any, params: dict | None, limits: ModelConfig) -> list[RowSpec]:
     """Validate a whole request; the first bad row raises with its row number."""
     request = parse_params(params)
+    try:
+        check_limits(request, limits)
+    except ValueError as e:
+        raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
     frame = to_frame(model_input, limits)
     return [parse_row(i, row, request, limits) for i, row in enumerate(frame.to_dict("records"))]
 
@@ -203,7 +226,8 @@ def to_frame(model_input: Any, limits: ModelConfig) -> pd.DataFrame:
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     elif isinstance(model_input, list):
-        model_input = pd.DataFrame(model_input if model_input and isinstance(model_input[0], dict) else {"prompt": model_input})
+        records = model_input and isinstance(model_input[0], dict)
+        model_input = pd.DataFrame(model_input if records else {"prompt": model_input})
     if not isinstance(model_input, pd.DataFrame):
         raise MlflowException.invalid_parameter_value(
             f"Expected a DataFrame with a 'prompt' column, got {type(model_input).__name__}"

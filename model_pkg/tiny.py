@@ -43,7 +43,8 @@ SDXL_SCHEDULER = dict(
     interpolation_type="linear",
     use_karras_sigmas=False,
 )
-_WORDS = "a an the of on in with and cat dog hat face park bench yellow green red blue photo art high resolution sitting".split()
+_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "cat", "dog", "hat", "face", "park", "bench"]
+_WORDS += ["yellow", "green", "red", "blue", "photo", "art", "high", "resolution", "sitting"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def write_tokenizer(folder: Path) -> CLIPTokenizer:
     vocab_tokens = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     for word in _WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
             pair = (parts[0], parts[1])
             if pair not in merges:
@@ -149,8 +150,12 @@ def tiny_safety_checker(flag: str = "never"):
     config = CLIPConfig(
         text_config=dict(hidden_size=TEXT_HIDDEN, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37),
         vision_config=dict(
-            hidden_size=TEXT_HIDDEN, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
-            image_size=32, patch_size=4,
+            hidden_size=TEXT_HIDDEN,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=37,
+            image_size=32,
+            patch_size=4,
         ),
         projection_dim=TEXT_HIDDEN,
     )

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinySDXL:
     return write_tiny_sdxl(tmp_path_factory.mktemp("tiny"), seed=0)

@@ -195,7 +195,7 @@ def test_shared_components_are_stored_once_and_loaded_once(artifact, tiny, model
 
 def test_seed_001_body_converts_scores_and_answers_in_azure_shape(model):
     body = json.loads((SAMPLES / "azure_request.json").read_text())
-    df, params = azure_request_to_frame(body)
+    df, _ = azure_request_to_frame(body)
     assert list(df.columns) == ["prompt", "image"] and len(df) == 2
 
     out = model.predict(df, params=FAST)
