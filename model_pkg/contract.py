@@ -9,6 +9,7 @@ instead, naming the row and the column.
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 
 import pandas as pd
 from mlflow.models import ModelSignature
@@ -18,9 +19,22 @@ from mlflow.types.schema import AnyType
 from model_pkg.params import ROW_FIELDS, GenerationParams
 
 OUTPUT_COLUMNS = ("prompt", "generated_image", "nsfw_content_detected", "seed")
+ERROR_COLUMN = "error"  # added with on_error="null"
 _PARAM_TYPES = {str: "string", int: "long", float: "double", bool: "boolean"}
 # The struct type to pass as spark_udf(result_type=...): names and order of the output columns.
 SPARK_RESULT_TYPE = "prompt string, generated_image string, nsfw_content_detected boolean, seed long"
+SPARK_RESULT_TYPE_WITH_ERRORS = SPARK_RESULT_TYPE + ", error string"  # for params={"on_error": "null"}
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One output row; ``generated_image`` is None and ``error`` says why when the row failed."""
+
+    prompt: str | None
+    generated_image: str | None
+    nsfw_content_detected: bool | None
+    seed: int | None
+    error: str | None = None
 
 
 def _param_type(annotation: object) -> str:
@@ -52,18 +66,15 @@ def signature() -> ModelSignature:
             ColSpec("string", "generated_image"),
             ColSpec("boolean", "nsfw_content_detected", required=False),
             ColSpec("long", "seed"),
+            ColSpec("string", ERROR_COLUMN, required=False),
         ]
     )
     return ModelSignature(inputs=inputs, outputs=outputs, params=param_schema())
 
 
-def output_frame(prompts: list[str], images: list[str], nsfw: list[bool | None], seeds: list[int]) -> pd.DataFrame:
-    """The SPEC §4 output: one row per input row, in input order."""
-    return pd.DataFrame(
-        {
-            "prompt": pd.Series(prompts, dtype=object),
-            "generated_image": pd.Series(images, dtype=object),
-            "nsfw_content_detected": pd.Series(nsfw, dtype=object),
-            "seed": pd.Series(seeds, dtype="int64"),
-        }
-    )
+def output_frame(results: list[RowResult], with_errors: bool) -> pd.DataFrame:
+    """The SPEC §4 output: one row per input row, in input order (+ ``error`` in error mode)."""
+    columns = [*OUTPUT_COLUMNS, ERROR_COLUMN] if with_errors else list(OUTPUT_COLUMNS)
+    out = pd.DataFrame({c: pd.Series([getattr(r, c) for r in results], dtype=object) for c in columns})
+    out["seed"] = out["seed"].astype("Int64" if with_errors else "int64")  # a failed row may have no seed
+    return out

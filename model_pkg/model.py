@@ -10,11 +10,9 @@ import pandas as pd
 
 from model_pkg.config import load_model_config
 from model_pkg.contract import output_frame
-from model_pkg.generation import generate
-from model_pkg.image_codec import encode_image
 from model_pkg.pipelines import load_pipelines
 from model_pkg.request import parse_request
-from model_pkg.safety import filter_images
+from model_pkg.scoring import score
 
 
 class SDXLModel(mlflow.pyfunc.PythonModel):
@@ -29,20 +27,11 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (SPEC §4)."""
-        rows = parse_request(model_input, params, self.config)
-        encoded: dict[int, tuple[str, bool | None]] = {}
+        request = parse_request(model_input, params, self.config)
+        keep_going = request.params.on_error == "null"
         with self._lock:
-            for batch, images in generate(self.pipelines, rows, self.config.max_batch_size):
-                settings = batch[0].settings
-                images, flags = filter_images(images, self.pipelines.safety_checker, settings.safety_filter)
-                for row, image, flag in zip(batch, images, flags, strict=True):
-                    encoded[row.index] = (encode_image(image, settings.output_format), flag)
-        return output_frame(
-            prompts=[r.prompt for r in rows],
-            images=[encoded[r.index][0] for r in rows],
-            nsfw=[encoded[r.index][1] for r in rows],
-            seeds=[r.seed for r in rows],
-        )
+            results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)
+        return output_frame(results, with_errors=keep_going)
 
 
 mlflow.models.set_model(SDXLModel())

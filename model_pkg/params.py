@@ -77,6 +77,11 @@ class GenerationParams(BaseModel):
     )
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="encoding of generated_image")
     safety_filter: bool = Field(True, description="black out images the safety checker flags")
+    on_error: Literal["raise", "null"] = Field(
+        "raise",
+        description="raise: the first bad row fails the whole request (HTTP 400); null: a bad row gets a "
+        "null image and its message in an 'error' column while the other rows complete (batch jobs)",
+    )
 
     @field_validator("scheduler")
     @classmethod

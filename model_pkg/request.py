@@ -59,10 +59,11 @@ class RowSpec:
 class RowError(MlflowException):
     """A row that cannot be generated; ``row`` is its position in the input."""
 
-    def __init__(self, row: int, message: str):
+    def __init__(self, row: int, message: str, prompt: str | None = None):
         super().__init__(f"Row {row}: {message}", error_code=INVALID_PARAMETER_VALUE)  # HTTP 400
         self.row = row
         self.reason = message
+        self.prompt = prompt  # echoed in the output row when it is a string
 
 
 def _present(value: Any) -> bool:
@@ -206,19 +207,34 @@ def parse_row(index: int, row: dict[str, Any], request: GenerationParams, limits
             seed = _random_seed()
         settings = _settings(params, limits, image)
     except ValueError as e:
-        raise RowError(index, str(e)) from None
+        prompt = row.get("prompt")
+        raise RowError(index, str(e), prompt if isinstance(prompt, str) else None) from None
     return RowSpec(index, prompt, negative_prompt, seed, image, settings)
 
 
-def parse_request(model_input: Any, params: dict | None, limits: ModelConfig) -> list[RowSpec]:
-    """Validate a whole request; the first bad row raises with its row number."""
+@dataclass(frozen=True)
+class Request:
+    params: GenerationParams
+    rows: list[RowSpec | RowError]  # one per input row, in order; errors only with on_error="null"
+
+
+def parse_request(model_input: Any, params: dict | None, limits: ModelConfig) -> Request:
+    """Validate a whole request. With ``on_error="raise"`` the first bad row raises with its row number;
+    with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
     request = parse_params(params)
     try:
         check_limits(request, limits)
     except ValueError as e:
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
-    frame = to_frame(model_input, limits)
-    return [parse_row(i, row, request, limits) for i, row in enumerate(frame.to_dict("records"))]
+    rows: list[RowSpec | RowError] = []
+    for i, record in enumerate(to_frame(model_input, limits).to_dict("records")):
+        try:
+            rows.append(parse_row(i, record, request, limits))
+        except RowError as e:
+            if request.on_error == "raise":
+                raise
+            rows.append(e)
+    return Request(request, rows)
 
 
 def to_frame(model_input: Any, limits: ModelConfig) -> pd.DataFrame:

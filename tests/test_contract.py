@@ -7,7 +7,7 @@ import json
 from helpers import decode
 from mlflow.models import Model
 
-from model_pkg.contract import OUTPUT_COLUMNS, SPARK_RESULT_TYPE, signature
+from model_pkg.contract import OUTPUT_COLUMNS, SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS, signature
 from model_pkg.packaging import TEMPLATE, input_example
 from model_pkg.params import ROW_FIELDS, GenerationParams
 
@@ -26,8 +26,10 @@ def test_inputs_and_outputs():
     sig = signature()
     assert sig.inputs.input_names() == ["prompt", "image", *ROW_FIELDS]
     assert sig.inputs.required_input_names() == ["prompt"]
-    assert sig.outputs.input_names() == list(OUTPUT_COLUMNS)
+    assert sig.outputs.input_names() == [*OUTPUT_COLUMNS, "error"]
+    assert sig.outputs.required_input_names() == ["prompt", "generated_image", "seed"]
     assert [f.split()[0] for f in SPARK_RESULT_TYPE.split(", ")] == list(OUTPUT_COLUMNS)
+    assert [f.split()[0] for f in SPARK_RESULT_TYPE_WITH_ERRORS.split(", ")] == [*OUTPUT_COLUMNS, "error"]
 
 
 def test_artifact_mlmodel_has_signature_example_and_card(artifact, model):

@@ -128,7 +128,7 @@ def test_pyfunc_equals_raw_diffusers(model, raw, mode):
 def count_steps(model, rows: pd.DataFrame, params: dict) -> tuple[Counter, int]:
     """(steps per stage, pipeline batches) for a request, observed through diffusers' step callback."""
     python_model = model.unwrap_python_model()
-    specs = parse_request(rows, params, python_model.config)
+    specs = parse_request(rows, params, python_model.config).rows
     steps: Counter = Counter()
     batches = list(generate(python_model.pipelines, specs, 8, on_step=lambda stage, i: steps.update([stage])))
     return steps, len(batches)
@@ -171,7 +171,7 @@ def test_negative_prompt_presence_splits_batches():
     """A missing negative prompt means zero embeddings in SDXL; mixing it with given ones would change images."""
     specs = parse_request(
         frame({"prompt": "a"}, {"prompt": "b", "negative_prompt": "blurry"}, {"prompt": "c"}), FAST, ModelConfig()
-    )
+    ).rows
     assert [[r.index for r in batch] for batch in plan_batches(specs, 8)] == [[0, 2], [1]]
 
 
@@ -216,3 +216,31 @@ def test_seed_001_body_as_written_with_trailing_commas_and_object_rows():
     ]
     assert params == {}
     assert loads_lenient('{"a": ["x, ]", 1,], "b": "}",}') == {"a": ["x, ]", 1], "b": "}"}
+
+
+def test_on_error_null_keeps_every_row_and_names_the_bad_ones(model):
+    rows = frame(
+        {"prompt": "a cat", "seed": 1},
+        {"prompt": "a dog", "seed": "lots"},
+        {"prompt": "a hat", "seed": 3},
+        {"prompt": "", "seed": 4},
+        {"prompt": "a bench", "image": "http://127.0.0.1/cat.png"},
+    )
+    out = model.predict(rows, params=FAST | {"on_error": "null"})
+
+    assert list(out.columns) == [*OUTPUT_COLUMNS, "error"]
+    assert out["prompt"].tolist() == ["a cat", "a dog", "a hat", "", "a bench"]
+    assert out["generated_image"].notna().tolist() == [True, False, True, False, False]
+    assert out["error"][[0, 2]].tolist() == [None, None]
+    assert out["error"][1].startswith("'seed': Input should be a valid integer")
+    assert out["error"][3] == "'prompt' is empty"
+    assert out["error"][4].startswith("'image': URLs are not fetched")
+    assert out["seed"].tolist()[:3] == [1, pd.NA, 3]
+    good = model.predict(rows.iloc[[0, 2]], params=FAST)  # the good rows are what they would be alone
+    assert out["generated_image"][[0, 2]].tolist() == good["generated_image"].tolist()
+
+
+def test_on_error_raise_is_the_default_and_names_the_first_bad_row(model):
+    rows = frame({"prompt": "a cat"}, {"prompt": "a dog", "num_inference_steps": 0}, {"prompt": ""})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^Row 1: 'num_inference_steps': Input should be"):
+        model.predict(rows, params=FAST)

@@ -15,7 +15,7 @@ LIMITS = ModelConfig()
 
 
 def parse(*rows: dict, **params):
-    return parse_request(frame(*rows), params, LIMITS)
+    return parse_request(frame(*rows), params, LIMITS).rows
 
 
 def test_defaults_follow_diffusers_and_the_spec():
