@@ -32,9 +32,10 @@ def _config(pairs: list[str]) -> dict:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    if args.tiny == bool(args.base or args.refiner):
-        raise SystemExit("give either --tiny or both --base and --refiner")
-    if not args.tiny and not (args.base and args.refiner):
+    synthetic = args.tiny or args.random_fullsize
+    if synthetic == bool(args.base or args.refiner) or (args.tiny and args.random_fullsize):
+        raise SystemExit("give one of --tiny, --random-fullsize, or both --base and --refiner")
+    if not synthetic and not (args.base and args.refiner):
         raise SystemExit("--base and --refiner are both required")
     if not (args.output or args.log):
         raise SystemExit("give --output PATH or --log")
@@ -45,7 +46,14 @@ def cmd_build(args: argparse.Namespace) -> None:
 
             tiny = write_tiny_sdxl(Path(tmp) / "src", seed=args.seed, safety_checker=args.tiny_safety_checker)
             base, refiner, checker = tiny.base, tiny.refiner, checker or tiny.safety_checker
-        staged = stage_components(Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant)
+        elif args.random_fullsize:
+            from model_pkg.fullsize import write_fullsize_sdxl
+
+            generated = write_fullsize_sdxl(Path(tmp) / "src", seed=args.seed)
+            base, refiner = generated.base, generated.refiner
+        staged = stage_components(
+            Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant, vae=args.vae
+        )
         config = _config(args.config)
         if args.log:
             import mlflow
@@ -74,11 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--base", help="stable-diffusion-xl-base-1.0 folder (diffusers format)")
     build.add_argument("--refiner", help="stable-diffusion-xl-refiner-1.0 folder (diffusers format)")
     build.add_argument("--tiny", action="store_true", help="build from tiny random-weight pipelines (no download)")
-    build.add_argument("--seed", type=int, default=0, help="--tiny: weight seed")
+    build.add_argument(
+        "--random-fullsize", action="store_true", help="published SDXL 1.0 sizes, random fp16 weights (GPU timing)"
+    )
+    build.add_argument("--seed", type=int, default=0, help="--tiny / --random-fullsize: weight seed")
     build.add_argument("--safety-checker", help="folder with a StableDiffusionSafetyChecker + CLIP image processor")
     build.add_argument(
         "--tiny-safety-checker", choices=["never", "always"], help="--tiny: add a tiny checker that never/always flags"
     )
+    build.add_argument("--vae", help="VAE folder replacing base's and refiner's (e.g. an fp16-fixed SDXL VAE)")
     build.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
     build.add_argument(
         "--config", action="append", default=[], metavar="KEY=VALUE", help="model_config (limits, device)"
