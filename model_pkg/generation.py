@@ -115,9 +115,10 @@ def generate(
         yield batch, generate_batch(pipes, batch, on_step)
 
 
-def warm_up(pipes: Pipelines, size: int) -> None:
-    """One small ensemble generation at ``size``×``size``, so that ``torch.compile`` compiles the
+def warm_up(pipes: Pipelines, config: ModelConfig) -> None:
+    """One short ensemble generation at ``warmup_size``², so that ``torch.compile`` compiles the
     base UNet, the refiner UNet and the VAE decoder at load time rather than in the first request."""
+    size = config.warmup_size
     params = {"height": size, "width": size, "num_inference_steps": 5, "seed": 0}
-    rows = parse_request(pd.DataFrame({"prompt": ["warm-up"]}), params, ModelConfig(max_pixels=size * size)).rows
+    rows = parse_request(pd.DataFrame({"prompt": ["warm-up"]}), params, config).rows
     generate_batch(pipes, rows)

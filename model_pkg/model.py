@@ -23,7 +23,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         self.config = load_model_config(context.model_config)
         self.pipelines = load_pipelines(context.artifacts["sdxl"], self.config)
         if self.config.compile != "none" and self.config.warmup_size:
-            warm_up(self.pipelines, self.config.warmup_size)
+            warm_up(self.pipelines, self.config)
         # One generation at a time per process: in float16, diffusers upcasts the *shared* VAE
         # inside each call; requests still parse and validate in parallel. Scale with workers.
         self._lock = threading.Lock()
