@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -179,6 +182,33 @@ def _differences(first: pd.DataFrame, second: pd.DataFrame) -> list[int]:
 # -- the gate -----------------------------------------------------------------------------------
 
 
+@contextmanager
+def _own_code(local: str, meta: Model) -> Iterator[None]:
+    """Let the candidate import the modules it carries (MLflow ``code_paths``), as a server would.
+
+    MLflow only prepends the artifact's code folder to ``sys.path``; modules this process already
+    imported (this project's ``model_pkg``) would shadow the candidate's own copies. Hide them while
+    the candidate loads and predicts, then put this process's modules and ``sys.path`` back.
+    """
+    code = meta.flavors.get("python_function", {}).get("code")
+    folder = Path(local) / code if code else None
+    names = {p.stem if p.suffix == ".py" else p.name for p in folder.iterdir()} if folder and folder.is_dir() else set()
+
+    def carried() -> list[str]:
+        return [m for m in sys.modules if m.split(".")[0] in names]
+
+    saved_path, saved = sys.path[:], {m: sys.modules[m] for m in carried()}
+    for module in saved:
+        del sys.modules[module]
+    try:
+        yield
+    finally:
+        for module in carried():
+            del sys.modules[module]
+        sys.modules.update(saved)
+        sys.path[:] = saved_path
+
+
 def validate(name: str, version: str, alias: str, holder: str | None = None) -> GateReport:
     """Run every check on ``models:/name/version``; never raises for a bad model, reports instead."""
     report = GateReport(name, str(version), alias, str(holder) if holder is not None else None)
@@ -186,31 +216,41 @@ def validate(name: str, version: str, alias: str, holder: str | None = None) -> 
         try:
             local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
             meta = Model.load(local)
-            example = meta.load_input_example(local)
-            params = dict(meta.load_input_example_params(local) or {})
-            model = mlflow.pyfunc.load_model(local)
         except Exception as e:  # any load failure is a verdict, not a crash
             report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
             return report
-        report.add("loads from the registry", [], f"models:/{name}/{version}")
-        _check_signature(report, meta.signature, name, holder, version)
-        if example is None:
-            report.add("scores its input example", ["the model has no input example"])
-            return report
-        example = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
-        params.setdefault("seed", DEFAULT_SEED)
-        try:
-            start = time.perf_counter()
-            first = model.predict(example, params=params)
-            took = time.perf_counter() - start
-        except Exception as e:
-            report.add("scores its input example", [f"{type(e).__name__}: {e}"])
-            return report
-        report.add("scores its input example", [], f"{len(example)} rows, params {params}, {took:.1f} s")
-        outputs = meta.signature.outputs if meta.signature is not None else None
-        report.add("output matches the declared schema", output_problems(first, outputs, len(example)))
-        _check_determinism(report, model, example, params, first, meta.signature)
+        with _own_code(local, meta):
+            _check_candidate(report, local, meta)
     return report
+
+
+def _check_candidate(report: GateReport, local: str, meta: Model) -> None:
+    name, version, holder = report.name, report.version, report.holder
+    try:
+        example = meta.load_input_example(local)
+        params = dict(meta.load_input_example_params(local) or {})
+        model = mlflow.pyfunc.load_model(local)
+    except Exception as e:
+        report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
+        return
+    report.add("loads from the registry", [], f"models:/{name}/{version}")
+    _check_signature(report, meta.signature, name, holder, version)
+    if example is None:
+        report.add("scores its input example", ["the model has no input example"])
+        return
+    example = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
+    params.setdefault("seed", DEFAULT_SEED)
+    try:
+        start = time.perf_counter()
+        first = model.predict(example, params=params)
+        took = time.perf_counter() - start
+    except Exception as e:
+        report.add("scores its input example", [f"{type(e).__name__}: {e}"])
+        return
+    report.add("scores its input example", [], f"{len(example)} rows, params {params}, {took:.1f} s")
+    outputs = meta.signature.outputs if meta.signature is not None else None
+    report.add("output matches the declared schema", output_problems(first, outputs, len(example)))
+    _check_determinism(report, model, example, params, first, meta.signature)
 
 
 def _check_signature(

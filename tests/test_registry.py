@@ -9,6 +9,8 @@ output retyped, the ``seed`` param removed).
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +28,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from processes import VENV_BIN, child_env, free_port, running
 
 import build
-from model_pkg import registry
+from model_pkg import contract, registry
 from model_pkg.contract import OUTPUT_COLUMNS, signature
 from model_pkg.gate import breaking_changes
 from model_pkg.packaging import Staged, stage_components
@@ -100,7 +102,9 @@ def server_registry(staged, tmp_path_factory) -> Iterator[tuple[str, dict[str, s
     args += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
     args += ["--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
     url = f"http://127.0.0.1:{port}"
-    with running(args, f"{url}/health", folder / "server.log", child_env()):
+    # The registry needs no server-side jobs: skip the job runner and its worker processes.
+    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with running(args, f"{url}/health", folder / "server.log", env):
         with store(url):
             versions = register_good_and_broken(staged)
         yield url, versions, folder
@@ -256,9 +260,10 @@ def test_cli_copies_to_another_name_and_promotes_with_stages(sqlite_registry, ca
             capsys.readouterr().out
         )
         with pytest.raises(SystemExit) as refused:
-            build.main(["promote", "sdxl-prod", "--version", "3", "--to", "production", "--use-stages"])
-        assert "REFUSED" in str(refused.value.code)
+            build.main(["promote", "sdxl-prod", "--version", "3", "--to", "production", "--dry-run"])
+        assert "promote failed: validation gate for models:/sdxl-prod/3" in str(refused.value.code)
         assert "output column 'generated_image' removed" in str(refused.value.code)
+        assert "validation.production" not in client.get_model_version("sdxl-prod", "3").tags  # dry run
         build.main(["promote", "sdxl-prod", "--version", "2", "--to", "production", "--use-stages"])
         assert [str(client.get_model_version("sdxl-prod", n).current_stage) for n in "123"] == [
             "Archived",
@@ -269,3 +274,29 @@ def test_cli_copies_to_another_name_and_promotes_with_stages(sqlite_registry, ca
         assert "rolled back: models:/sdxl-prod@production -> version 1 (was version 2)" in capsys.readouterr().out
         assert holder("sdxl-prod", "production") == "1"
         assert [client.get_model_version("sdxl-prod", n).current_stage for n in "12"] == ["Production", "Archived"]
+
+        build.main(["copy", "sdxl-prod", "--alias", "production", "--to", "sdxl-live"])
+        assert "copied models:/sdxl-prod@production to models:/sdxl-live/1 (models:/sdxl-prod/1)" in (
+            capsys.readouterr().out
+        )
+        assert holder("sdxl-live", "production") is None  # a copy holds no alias until promoted there
+
+
+def test_the_gate_runs_the_code_the_candidate_carries(sqlite_registry, staged, tmp_path):
+    """A candidate whose packaged ``model_pkg`` renames an output column is refused, although this
+    process's ``model_pkg`` (which would shadow it in a plain in-process load) is fine."""
+    code = tmp_path / "model_pkg"
+    shutil.copytree(Path(contract.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    with (code / "contract.py").open("a") as f:
+        f.write(
+            "\n\n_output_frame = output_frame\n\n\ndef output_frame(results, with_errors):\n"
+            "    return _output_frame(results, with_errors).rename(columns={'seed': 'seed_used'})\n"
+        )
+    uri, _ = sqlite_registry
+    with store(uri):
+        candidate = registry.register(staged["v1"], "sdxl-code", code_paths=[str(code)])
+        with pytest.raises(PromotionRefused) as refused:
+            promote("sdxl-code", candidate.version, "staging")
+        assert holder("sdxl-code", "staging") is None
+    assert "undeclared output column 'seed_used'; declared output column 'seed' missing" in str(refused.value.report)
+    assert sys.modules["model_pkg.contract"] is contract  # this process's modules are back
