@@ -97,15 +97,13 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     from model_pkg import registry
 
+    if args.rollback == (args.version is not None):
+        raise SystemExit("give --version V, or --rollback (which takes no version: the previous holder comes back)")
     registry.use_store()
     if args.rollback:
-        if args.version is not None:
-            raise SystemExit("--rollback takes no --version: it returns the alias to its previous holder")
         promotion = registry.rollback(args.name, args.to, use_stages=args.use_stages)
         print(f"rolled back: {promotion}")
         return
-    if args.version is None:
-        raise SystemExit("give --version V (or --rollback)")
     promotion = registry.promote(args.name, args.version, args.to, use_stages=args.use_stages, dry_run=args.dry_run)
     print(promotion.report)
     print("dry run: nothing moved" if args.dry_run else f"promoted: {promotion}")
@@ -114,9 +112,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_copy(args: argparse.Namespace) -> None:
     from model_pkg import registry
 
-    registry.use_store()
     if (args.version is None) == (args.alias is None):
         raise SystemExit("give --version V or --alias ALIAS")
+    registry.use_store()
     ref = args.version if args.version is not None else f"@{args.alias}"
     copied = registry.copy_version(args.name, ref, args.to)
     source = f"models:/{args.name}/{ref}" if args.version is not None else f"models:/{args.name}{ref}"
