@@ -191,5 +191,8 @@ def save_artifact(staged: Staged, output: Path, model_config: dict[str, Any] | N
 def log_artifact(
     staged: Staged, name: str = "sdxl", model_config: dict[str, Any] | None = None, **log_kwargs: Any
 ) -> mlflow.models.model.ModelInfo:
-    """Log to the active tracking URI (MLflow validates the input example by scoring it once)."""
-    return mlflow.pyfunc.log_model(name=name, **_model_kwargs(staged, model_config), **log_kwargs)
+    """Log to the active tracking URI (MLflow validates the input example by scoring it once).
+
+    ``log_kwargs`` go to ``mlflow.pyfunc.log_model`` and override the defaults (e.g. ``signature``).
+    """
+    return mlflow.pyfunc.log_model(name=name, **(_model_kwargs(staged, model_config) | log_kwargs))
