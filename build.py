@@ -31,6 +31,23 @@ def _config(pairs: list[str]) -> dict:
     return config
 
 
+def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, Path]:
+    """``--lora NAME=PATH`` pairs, plus ``--tiny-lora NAME`` random adapters for the tiny base."""
+    from model_pkg.lora import LoraError, parse_build_arg
+
+    try:
+        loras = dict(parse_build_arg(pair) for pair in args.lora)
+    except LoraError as e:
+        raise SystemExit(str(e)) from None
+    if args.tiny_lora and not args.tiny:
+        raise SystemExit("--tiny-lora needs --tiny")
+    for i, name in enumerate(args.tiny_lora):
+        from model_pkg.tiny import write_tiny_lora
+
+        loras[name] = write_tiny_lora(tmp / "tiny-loras" / name, base, seed=i + 1)
+    return loras
+
+
 def cmd_build(args: argparse.Namespace) -> None:
     if args.tiny == bool(args.base or args.refiner):
         raise SystemExit("give either --tiny or both --base and --refiner")
@@ -45,7 +62,10 @@ def cmd_build(args: argparse.Namespace) -> None:
 
             tiny = write_tiny_sdxl(Path(tmp) / "src", seed=args.seed, safety_checker=args.tiny_safety_checker)
             base, refiner, checker = tiny.base, tiny.refiner, checker or tiny.safety_checker
-        staged = stage_components(Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant)
+        loras = _loras(args, base, Path(tmp))
+        staged = stage_components(
+            Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant, loras=loras
+        )
         config = _config(args.config)
         if args.log:
             import mlflow
@@ -79,6 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument(
         "--tiny-safety-checker", choices=["never", "always"], help="--tiny: add a tiny checker that never/always flags"
     )
+    build.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="package a LoRA adapter (a .safetensors file, or a folder with one); repeatable",
+    )
+    build.add_argument("--tiny-lora", action="append", default=[], metavar="NAME", help="--tiny: a random LoRA")
     build.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
     build.add_argument(
         "--config", action="append", default=[], metavar="KEY=VALUE", help="model_config (limits, device)"
