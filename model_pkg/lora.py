@@ -21,6 +21,7 @@ import hashlib
 import logging
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,7 +110,10 @@ def load_loras(base, root: Path, entries: dict[str, dict[str, str]]) -> dict[str
     level = report.level
     report.setLevel(logging.ERROR)
     try:
-        _load_all(base, root, entries)
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first that the model now holds several: intended here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            _load_all(base, root, entries)
     finally:
         report.setLevel(level)
     base.disable_lora()
