@@ -78,11 +78,21 @@ def check_request(params: Any, catalog: Catalog | None) -> None:
 def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog | None) -> RowText:
     """Apply the style, parse the LoRA selection, choose the prompt encoding; raises ``ValueError``."""
     catalog = catalog or Catalog()
+    prompt, tag_spec = lora.split_prompt_tags(prompt)
     try:
         styled, styled_negative = catalog.styles.apply(params.style, prompt, negative_prompt)
     except ValueError as e:
         raise ValueError(f"'style': {e}") from None
     selection = lora.parse_selection(params.lora, params.lora_scale, catalog.loras)
+    if tag_spec:
+        try:
+            tagged = lora.parse_selection(tag_spec, 1.0, catalog.loras)
+        except ValueError as e:
+            raise ValueError(str(e).replace("'lora':", "'prompt' <lora:...> tag:", 1)) from None
+        twice = {n for n, _ in selection} & {n for n, _ in tagged}
+        if twice:
+            raise ValueError(f"'prompt': adapter {sorted(twice)[0]!r} is selected by both 'lora' and a <lora:...> tag")
+        selection = tuple(sorted(selection + tagged))
     chunks = 0
     if params.prompt_weighting == "auto" and catalog.tokenizers:
         chunks = prompts.needs_chunked_encoding([styled, styled_negative], catalog.tokenizers)

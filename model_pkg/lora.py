@@ -8,8 +8,9 @@
   refiner, so an adapter's ``text_encoder_2`` layers also condition the refiner; the refiner's UNet
   has no adapters (SDXL LoRAs are trained for the base UNet).
 - Select: the ``lora`` param / column is ``NAME`` or ``NAME:WEIGHT``, several joined by commas
-  (``"pixel:0.8,toy"``); a name without its own weight gets ``lora_scale``. No adapter is ever
-  fetched: unknown names are an error listing the packaged ones.
+  (``"pixel:0.8,toy"``); a name without its own weight gets ``lora_scale``. The prompt may also
+  carry PAI-EAS / A1111 tags, ``"girls <lora:toy:0.8>"``: they select the adapter and are taken out
+  of the encoded text. No adapter is ever fetched: unknown names are an error listing the packaged ones.
 - Generate: :func:`activated` enables exactly the selected adapters for one pipeline call and
   disables them all afterwards, even when the call fails, so nothing leaks into the next request
   (the model's lock serializes calls).
@@ -29,6 +30,7 @@ from typing import Any
 
 LORA_DIR = "loras"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)
 PICKLED = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 Selection = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: part of the batching key
 
@@ -155,6 +157,19 @@ def parse_selection(spec: str, scale: float, packaged: dict[str, str] | None) ->
             raise ValueError(f"'lora': adapter {name!r} is named twice")
         chosen[name] = weight
     return tuple(sorted(chosen.items()))
+
+
+def split_prompt_tags(prompt: str) -> tuple[str, str]:
+    """PAI-EAS / A1111 tags: ``"girls <lora:toy:0.8>"`` → ``("girls", "toy:0.8")``.
+
+    The tags are taken out of the text that is encoded; a tag without a weight means weight 1.0 (as in
+    A1111; ``lora_scale`` applies to the ``lora`` param only). The second item is a ``lora`` spec.
+    """
+    specs = [f"{m.group(1).strip()}:{(m.group(2) or '1').strip()}" for m in PROMPT_TAG.finditer(prompt)]
+    if not specs:
+        return prompt, ""
+    text = " ".join(PROMPT_TAG.sub(" ", prompt).split())
+    return text, ",".join(specs)
 
 
 def format_selection(selection: Selection) -> str:

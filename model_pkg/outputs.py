@@ -29,6 +29,12 @@ from model_pkg.image_codec import MIME
 METADATA_KEY = "sdxl_pyfunc"
 
 
+def _param_selection(row: Any) -> lora.Selection:
+    """The adapters selected by the ``lora`` param (those tagged in the prompt stay in the prompt)."""
+    tagged = {spec.split(":")[0] for spec in lora.split_prompt_tags(row.prompt)[1].split(",") if spec}
+    return tuple((name, weight) for name, weight in row.settings.lora if name not in tagged)
+
+
 def reproduction_request(row: Any) -> dict[str, Any]:
     """The MLflow scoring body that regenerates ``row`` (a :class:`~model_pkg.request.RowSpec`)."""
     s = row.settings
@@ -46,7 +52,7 @@ def reproduction_request(row: Any) -> dict[str, Any]:
         "scheduler": s.scheduler,
         "timestep_spacing": s.timestep_spacing,
         "style": row.style,
-        "lora": lora.format_selection(s.lora),
+        "lora": lora.format_selection(_param_selection(row)),
         "prompt_weighting": "auto" if s.prompt_chunks else "off",
         "watermark": s.watermark,
         "safety_filter": s.safety_filter,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -153,3 +154,25 @@ def test_build_cli_lora_flag(tiny_loras, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((tmp_path / "m" / "artifacts" / "sdxl" / "components.json").read_text())
     assert sorted(manifest["loras"]) == ["rnd", "toy"]
+
+
+def test_pai_eas_prompt_tags_select_adapters_and_round_trip_through_png_metadata(lora_model):
+    from model_pkg.outputs import read_metadata
+
+    tagged = lora_model.predict(frame({"prompt": "a cat <lora:toy:0.7> with a hat", "seed": 5}), params=FAST)
+    by_param = lora_model.predict(frame({"prompt": "a cat with a hat", "seed": 5}), params=FAST | {"lora": "toy:0.7"})
+    assert tagged["prompt"][0] == "a cat <lora:toy:0.7> with a hat"  # echoed as sent
+    assert pixels(tagged["generated_image"][0]).tolist() == pixels(by_param["generated_image"][0]).tolist()
+
+    out = lora_model.predict(frame({"prompt": "a dog <lora:pixel>", "seed": 2}), params=FAST | {"lora": "toy:0.5"})
+    request = read_metadata(out["generated_image"][0])["request"]
+    assert request["dataframe_records"] == [{"prompt": "a dog <lora:pixel>"}]
+    assert request["params"]["lora"] == "toy:0.5"
+    replay = lora_model.predict(frame(*request["dataframe_records"]), params=request["params"])
+    assert replay["generated_image"][0] == out["generated_image"][0]
+
+    unknown = r"^Row 0: 'prompt' <lora:\.\.\.> tag: unknown adapter 'x'; packaged: pixel"
+    with pytest.raises(MlflowException, match=unknown):
+        lora_model.predict(frame({"prompt": "a <lora:x:1>"}), params=FAST)
+    with pytest.raises(MlflowException, match=re.escape("'toy' is selected by both 'lora' and a <lora:...> tag")):
+        lora_model.predict(frame({"prompt": "a <lora:toy>"}), params=FAST | {"lora": "toy"})
