@@ -61,8 +61,8 @@ def test_weighting_a_word_changes_the_image_and_weight_one_is_the_plain_prompt(m
 
 def test_weighted_negative_prompts_and_every_mode_work(model):
     for refiner in ("none", "ensemble", "sequential"):
-        plain = image(model, "a cat", refiner=refiner, negative_prompt="a dog")
-        weighted = image(model, "a cat", refiner=refiner, negative_prompt="a (dog:1.8)")
+        plain = image(model, "a cat", refiner=refiner, negative_prompt="a dog", num_inference_steps=5)
+        weighted = image(model, "a cat", refiner=refiner, negative_prompt="a (dog:1.8)", num_inference_steps=5)
         assert changed(weighted, plain) > 0.02
 
 
