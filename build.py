@@ -46,6 +46,23 @@ def _config(pairs: list[str]) -> dict:
     return config
 
 
+def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, Path]:
+    """``--lora NAME=PATH`` pairs, plus ``--tiny-lora NAME`` random adapters for the tiny base."""
+    from model_pkg.lora import LoraError, parse_build_arg
+
+    try:
+        loras = dict(parse_build_arg(pair) for pair in args.lora)
+    except LoraError as e:
+        raise SystemExit(str(e)) from None
+    if args.tiny_lora and not args.tiny:
+        raise SystemExit("--tiny-lora needs --tiny")
+    for i, name in enumerate(args.tiny_lora):
+        from model_pkg.tiny import write_tiny_lora
+
+        loras[name] = write_tiny_lora(tmp / "tiny-loras" / name, base, seed=i + 1)
+    return loras
+
+
 def _stage(args: argparse.Namespace, tmp: str) -> Staged:
     """Stage the components the source flags name (``--tiny``, ``--random-fullsize`` or ``--base``/``--refiner``)."""
     synthetic = args.tiny or args.random_fullsize
@@ -64,7 +81,10 @@ def _stage(args: argparse.Namespace, tmp: str) -> Staged:
 
         generated = write_fullsize_sdxl(Path(tmp) / "src", seed=args.seed)
         base, refiner = generated.base, generated.refiner
-    return stage_components(Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant, vae=args.vae)
+    loras = _loras(args, base, Path(tmp))
+    return stage_components(
+        Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant, vae=args.vae, loras=loras
+    )
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -149,6 +169,14 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiny-safety-checker", choices=["never", "always"], help="--tiny: add a tiny checker that never/always flags"
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="package a LoRA adapter (a .safetensors file, or a folder with one); repeatable",
+    )
+    parser.add_argument("--tiny-lora", action="append", default=[], metavar="NAME", help="--tiny: a random LoRA")
     parser.add_argument("--vae", help="VAE folder replacing base's and refiner's (e.g. an fp16-fixed SDXL VAE)")
     parser.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
     parser.add_argument(

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from model_pkg import lora, prompts
 from model_pkg.config import ModelConfig
 from model_pkg.pipelines import Pipelines, call_view
 from model_pkg.request import RowSpec, Settings, parse_request
@@ -35,7 +36,7 @@ def plan_batches(rows: list[RowSpec], max_batch_size: int) -> list[list[RowSpec]
     """
     groups: dict[tuple[Settings, bool], list[RowSpec]] = {}
     for row in rows:
-        groups.setdefault((row.settings, bool(row.negative_prompt)), []).append(row)
+        groups.setdefault((row.settings, bool(row.effective_negative_prompt)), []).append(row)
     return [group[i : i + max_batch_size] for group in groups.values() for i in range(0, len(group), max_batch_size)]
 
 
@@ -51,19 +52,33 @@ def _step_callback(stage: str, on_step: StepCallback | None) -> dict[str, Any]:
 
 
 def generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback | None = None) -> list[Image.Image]:
-    """Run one batched pipeline call for rows that share :class:`Settings` (see :func:`plan_batches`)."""
+    """Run one batched pipeline call for rows that share :class:`Settings` (see :func:`plan_batches`),
+    with exactly their LoRA adapters enabled (all disabled again afterwards)."""
+    with lora.activated(pipes.base, rows[0].settings.lora):
+        return _generate_batch(pipes, rows, on_step)
+
+
+def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback | None) -> list[Image.Image]:
     s = rows[0].settings
     common = dict(
-        prompt=[r.prompt for r in rows],
-        negative_prompt=[r.negative_prompt for r in rows] if rows[0].negative_prompt else None,
+        prompt=[r.effective_prompt for r in rows],
+        negative_prompt=[r.effective_negative_prompt for r in rows] if rows[0].effective_negative_prompt else None,
         # one CPU generator per row: each image depends only on its own seed, batched or not,
         # and the same seed gives the same initial noise on CPU and GPU
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows],
     )
     base = call_view(pipes.base, s.scheduler, s.timestep_spacing)
     refiner = call_view(pipes.refiner, s.scheduler, s.timestep_spacing)
+    if s.watermark and pipes.catalog is not None:
+        base.watermark = refiner.watermark = pipes.catalog.watermarker  # per-call views: as SDXL 1.0 does
+    base_common = refiner_common = common
+    if s.prompt_chunks:  # weighted / long prompts: embeddings instead of text (see prompts.py)
+        generator = dict(generator=common["generator"])
+        texts = (common["prompt"], common["negative_prompt"], s.prompt_chunks)
+        base_common = generator | prompts.embeddings(base, *texts)
+        refiner_common = generator | prompts.embeddings(refiner, *texts)
     base_args = dict(
-        common,
+        base_common,
         height=s.height,
         width=s.width,
         num_inference_steps=s.num_inference_steps,
@@ -74,7 +89,7 @@ def generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback 
 
     if s.mode == "img2img":
         return refiner(
-            **common,
+            **refiner_common,
             image=[r.image for r in rows],
             strength=s.strength,
             num_inference_steps=s.num_inference_steps,
@@ -87,7 +102,7 @@ def generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback 
         split = 1.0 - s.refiner_ratio
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         return refiner(
-            **common,
+            **refiner_common,
             image=latents,
             num_inference_steps=s.num_inference_steps,
             denoising_start=split,
@@ -97,7 +112,7 @@ def generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback 
     if s.mode == "sequential":
         latents = base(**base_args, output_type="latent").images
         return refiner(
-            **common,
+            **refiner_common,
             image=latents,
             strength=s.strength,
             num_inference_steps=s.num_inference_steps_refiner,
@@ -120,5 +135,5 @@ def warm_up(pipes: Pipelines, config: ModelConfig) -> None:
     base UNet, the refiner UNet and the VAE decoder at load time rather than in the first request."""
     size = config.warmup_size
     params = {"height": size, "width": size, "num_inference_steps": 5, "seed": 0}
-    rows = parse_request(pd.DataFrame({"prompt": ["warm-up"]}), params, config).rows
+    rows = parse_request(pd.DataFrame({"prompt": ["warm-up"]}), params, config, pipes.catalog).rows
     generate_batch(pipes, rows)

@@ -30,7 +30,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (SPEC §4)."""
-        request = parse_request(model_input, params, self.config)
+        request = parse_request(model_input, params, self.config, self.pipelines.catalog)
         keep_going = request.params.on_error == "null"
         with self._lock:
             results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)

@@ -20,8 +20,11 @@ import mlflow
 import pandas as pd
 import yaml
 
+from model_pkg.catalog import stage_styles
 from model_pkg.contract import signature
+from model_pkg.lora import LoraError, stage_loras
 from model_pkg.pipelines import MANIFEST
+from model_pkg.styles import STYLES_FILE, load_styles
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "MLmodel_template"
@@ -93,8 +96,12 @@ def stage_components(
     safety_checker: Path | None = None,
     variant: str = "all",
     vae: Path | None = None,
+    loras: dict[str, Path] | None = None,
 ) -> Staged:
     """Lay out the artifact's ``sdxl`` folder under ``out`` (which must not exist).
+
+    ``loras`` (name → safetensors file or folder) are packaged under ``loras/``; the style table
+    ``MLmodel_template/styles.json`` is always copied in.
 
     ``vae`` replaces the VAE of both pipelines (e.g. an fp16-fixed SDXL VAE, whose config needs no
     float32 upcast); it is stored once and shared.
@@ -127,7 +134,13 @@ def stage_components(
         hashes["safety_checker"] = _hash(files, Path(safety_checker))
         for f in files:
             _place(f, out / "safety_checker" / f.relative_to(safety_checker))
+    try:
+        lora_entries = stage_loras(loras or {}, out)
+    except LoraError as e:
+        raise BuildError(str(e)) from None
     manifest = {
+        "styles": stage_styles(out, TEMPLATE / STYLES_FILE),
+        "loras": lora_entries,
         "base": "base",
         "refiner": "refiner",
         "safety_checker": "safety_checker" if safety_checker is not None else None,
@@ -161,12 +174,22 @@ def model_card(staged: Staged) -> dict[str, Any]:
         if has_checker
         else "none: nsfw_content_detected is null (nothing is checked); use a content-safety service"
     )
+    card["styles"] = {"version": styles_version(staged), "names": sorted(styles_names(staged))}
+    card["loras"] = {name: entry["sha256"] for name, entry in (staged.manifest.get("loras") or {}).items()}
     card["components"] = {
         "shared_by_base_and_refiner": staged.manifest["shared"],
         "sha256": staged.manifest["hashes"],
         "sources": staged.manifest["sources"],
     }
     return card
+
+
+def styles_version(staged: Staged) -> str:
+    return load_styles(staged.folder / STYLES_FILE).version
+
+
+def styles_names(staged: Staged) -> list[str]:
+    return load_styles(staged.folder / STYLES_FILE).names()
 
 
 def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None) -> dict[str, Any]:

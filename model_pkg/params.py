@@ -41,6 +41,9 @@ ROW_FIELDS = (
     "width",
     "strength",
     "aspect_ratio",
+    "style",
+    "lora",
+    "lora_scale",
 )
 
 
@@ -81,6 +84,26 @@ class GenerationParams(BaseModel):
         "raise",
         description="raise: the first bad row fails the whole request (HTTP 400); null: a bad row gets a "
         "null image and its message in an 'error' column while the other rows complete (batch jobs)",
+    )
+    style: str = Field("", description="a preset of the artifact's style table (e.g. photographic, anime); '' none")
+    lora: str = Field(
+        "", description="packaged LoRA adapters: NAME or NAME:WEIGHT, comma-separated (e.g. 'toy:0.8,pixel'); '' none"
+    )
+    lora_scale: float = Field(1.0, ge=-10, le=10, description="weight of the adapters named in 'lora' without one")
+    prompt_weighting: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: '(text:1.3)' weights and prompts past 77 tokens use chunked weighted embeddings, other "
+        "prompts go to diffusers as text; off: always plain text (CLIP truncates at 77 tokens)",
+    )
+    watermark: bool = Field(
+        True, description="SDXL's invisible watermark (images ≥ 256 px) where invisible-watermark is installed"
+    )
+    output_quality: int = Field(95, ge=1, le=100, description="jpeg/webp quality (png is lossless)")
+    output_encoding: Literal["base64", "data_uri"] = Field(
+        "base64", description="generated_image as plain base64 or as a data:image/...;base64, URI"
+    )
+    png_metadata: bool = Field(
+        True, description="embed the generation parameters (a request that reproduces the image) in PNG text chunks"
     )
 
     @field_validator("scheduler")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+from model_pkg.catalog import Catalog, load_catalog
 from model_pkg.config import ModelConfig
 from model_pkg.performance import apply_options
 from model_pkg.safety import SafetyChecker
@@ -46,6 +47,7 @@ class Pipelines:
     safety_checker: SafetyChecker | None
     device: torch.device
     dtype: torch.dtype
+    catalog: Catalog | None = None  # styles, LoRA adapters (loaded into base), watermarker, model hash
 
 
 def choose_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
@@ -97,7 +99,8 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     checker = None
     if manifest.get("safety_checker"):
         checker = SafetyChecker.load(root / manifest["safety_checker"], device, dtype)
-    return Pipelines(base=base, refiner=refiner, safety_checker=checker, device=device, dtype=dtype)
+    catalog = load_catalog(root, manifest, base)
+    return Pipelines(base=base, refiner=refiner, safety_checker=checker, device=device, dtype=dtype, catalog=catalog)
 
 
 def call_view(pipe: DiffusionPipeline, scheduler: str, timestep_spacing: str) -> DiffusionPipeline:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from pydantic import ValidationError
 
+from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
 from model_pkg.image_codec import ImageError, decode_image
 from model_pkg.params import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
@@ -42,6 +43,12 @@ class Settings:
     timestep_spacing: str
     output_format: str
     safety_filter: bool
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter, weight) pairs, sorted
+    prompt_chunks: int = 0  # 0: prompts go to diffusers as text; n: weighted embeddings of n 75-token windows
+    watermark: bool = False
+    output_quality: int = 95
+    output_encoding: str = "base64"
+    png_metadata: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +61,17 @@ class RowSpec:
     seed: int
     image: Image.Image | None
     settings: Settings
+    style: str = ""
+    styled_prompt: str | None = None  # the text encoded, when a style changed it
+    styled_negative_prompt: str | None = None
+
+    @property
+    def effective_prompt(self) -> str:
+        return self.prompt if self.styled_prompt is None else self.styled_prompt
+
+    @property
+    def effective_negative_prompt(self) -> str:
+        return self.negative_prompt if self.styled_negative_prompt is None else self.styled_negative_prompt
 
 
 class RowError(MlflowException):
@@ -153,6 +171,9 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         timestep_spacing=p.timestep_spacing,
         output_format=p.output_format,
         safety_filter=p.safety_filter,
+        output_quality=p.output_quality,
+        output_encoding=p.output_encoding,
+        png_metadata=p.png_metadata,
     )
 
 
@@ -184,7 +205,9 @@ def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
     return value
 
 
-def parse_row(index: int, row: dict[str, Any], request: GenerationParams, limits: ModelConfig) -> RowSpec:
+def parse_row(
+    index: int, row: dict[str, Any], request: GenerationParams, limits: ModelConfig, catalog: Catalog | None = None
+) -> RowSpec:
     """Validate one input row against the request params; raises :class:`RowError`."""
     try:
         prompt = _prompt(row.get("prompt"), "prompt", limits, required=True)
@@ -206,10 +229,14 @@ def parse_row(index: int, row: dict[str, Any], request: GenerationParams, limits
         else:
             seed = _random_seed()
         settings = _settings(params, limits, image)
+        text = resolve_row(params, prompt, negative_prompt, catalog)
+        settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
     except ValueError as e:
         prompt = row.get("prompt")
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None) from None
-    return RowSpec(index, prompt, negative_prompt, seed, image, settings)
+    return RowSpec(
+        index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt
+    )
 
 
 @dataclass(frozen=True)
@@ -218,18 +245,21 @@ class Request:
     rows: list[RowSpec | RowError]  # one per input row, in order; errors only with on_error="null"
 
 
-def parse_request(model_input: Any, params: dict | None, limits: ModelConfig) -> Request:
+def parse_request(
+    model_input: Any, params: dict | None, limits: ModelConfig, catalog: Catalog | None = None
+) -> Request:
     """Validate a whole request. With ``on_error="raise"`` the first bad row raises with its row number;
     with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
     request = parse_params(params)
     try:
         check_limits(request, limits)
+        check_request(request, catalog)
     except ValueError as e:
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
     rows: list[RowSpec | RowError] = []
     for i, record in enumerate(to_frame(model_input, limits).to_dict("records")):
         try:
-            rows.append(parse_row(i, record, request, limits))
+            rows.append(parse_row(i, record, request, limits, catalog))
         except RowError as e:
             if request.on_error == "raise":
                 raise

@@ -12,7 +12,7 @@ from PIL import Image
 
 from model_pkg.contract import RowResult
 from model_pkg.generation import generate_batch, plan_batches
-from model_pkg.image_codec import encode_image
+from model_pkg.outputs import encode_output
 from model_pkg.pipelines import Pipelines
 from model_pkg.request import RowError, RowSpec
 from model_pkg.safety import filter_images
@@ -47,5 +47,5 @@ def score(pipes: Pipelines, rows: list[RowSpec | RowError], max_batch_size: int,
             settings = done[0].settings
             images, flags = filter_images(outcome, pipes.safety_checker, settings.safety_filter)
             for row, image, flag in zip(done, images, flags, strict=True):
-                results[row.index] = RowResult(row.prompt, encode_image(image, settings.output_format), flag, row.seed)
+                results[row.index] = RowResult(row.prompt, encode_output(image, row, pipes.catalog), flag, row.seed)
     return [results[i] for i in range(len(rows))]

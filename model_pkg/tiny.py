@@ -236,3 +236,35 @@ def save_sdxl_pipelines(
             checker_dir
         )
     return TinySDXL(base=out / "base", refiner=out / "refiner", safety_checker=checker_dir)
+
+
+def write_tiny_lora(out_dir: str | Path, base_dir: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A tiny random LoRA for the tiny base (UNet attention + both text encoders), written as diffusers'
+    training scripts write one: peft adapters → ``pytorch_lora_weights.safetensors``.
+
+    ``init_lora_weights=False`` gives random (not zero) up-projections, so the adapter changes images.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = StableDiffusionXLPipeline.from_pretrained(base_dir, add_watermarker=False)
+    torch.manual_seed(seed)
+    unet_config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    text_config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    base.unet.add_adapter(unet_config)
+    base.text_encoder.add_adapter(text_config)
+    base.text_encoder_2.add_adapter(text_config)
+    out = Path(out_dir)
+    StableDiffusionXLPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(base.text_encoder)),
+        text_encoder_2_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(base.text_encoder_2)),
+        safe_serialization=True,
+    )
+    return out

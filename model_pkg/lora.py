@@ -1,0 +1,190 @@
+"""LoRA adapters packaged in the artifact: staged at build time, loaded once, selected per request.
+
+- Build: ``build.py build --lora NAME=PATH`` (repeatable). ``PATH`` is a ``.safetensors`` file or a
+  folder holding exactly one (diffusers/peft or kohya format, as ``load_lora_weights`` reads them);
+  pickled weights are refused. Staged as ``loras/NAME/<file>`` with its sha256 in ``components.json``.
+- Load: every adapter is loaded into the base pipeline once (``load_lora_weights(...,
+  adapter_name=NAME)``, peft backend) and left disabled. ``text_encoder_2`` is shared with the
+  refiner, so an adapter's ``text_encoder_2`` layers also condition the refiner; the refiner's UNet
+  has no adapters (SDXL LoRAs are trained for the base UNet).
+- Select: the ``lora`` param / column is ``NAME`` or ``NAME:WEIGHT``, several joined by commas
+  (``"pixel:0.8,toy"``); a name without its own weight gets ``lora_scale``. The prompt may also
+  carry PAI-EAS / A1111 tags, ``"girls <lora:toy:0.8>"``: they select the adapter and are taken out
+  of the encoded text. No adapter is ever fetched: unknown names are an error listing the packaged ones.
+- Generate: :func:`activated` enables exactly the selected adapters for one pipeline call and
+  disables them all afterwards, even when the call fails, so nothing leaks into the next request
+  (the model's lock serializes calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+LORA_DIR = "loras"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)
+PICKLED = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+Selection = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: part of the batching key
+
+
+class LoraError(ValueError):
+    """A LoRA source that cannot be packaged, or a selection that cannot be used."""
+
+
+def parse_build_arg(pair: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of ``build.py build --lora``."""
+    name, sep, path = pair.partition("=")
+    if not sep or not path:
+        raise LoraError(f"--lora expects NAME=PATH, got {pair!r}")
+    check_name(name)
+    return name, Path(path)
+
+
+def check_name(name: str) -> None:
+    if not NAME.match(name):
+        raise LoraError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (no ':' or ',')")
+
+
+def _weights_file(source: Path) -> Path:
+    if source.is_file():
+        if source.suffix != ".safetensors":
+            raise LoraError(f"{source}: only .safetensors LoRA files are packaged (no pickled weights)")
+        return source
+    if not source.is_dir():
+        raise LoraError(f"{source} does not exist")
+    files = [p for p in source.rglob("*") if p.is_file()]
+    pickled = [p for p in files if p.suffix in PICKLED]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if not weights:
+        hint = f" (found pickled {pickled[0].name}; convert it to safetensors)" if pickled else ""
+        raise LoraError(f"{source} has no .safetensors LoRA weights{hint}")
+    if len(weights) > 1:
+        raise LoraError(f"{source} has {len(weights)} .safetensors files; pass the LoRA file itself")
+    return weights[0]
+
+
+def _check_lora_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # not a safetensors file at all
+        raise LoraError(f"{path} is not a readable safetensors file ({e})") from None
+    if not any("lora" in k.lower() for k in keys):
+        raise LoraError(f"{path} holds no LoRA weights (no 'lora' keys); is it a full model?")
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def stage_loras(loras: dict[str, Path], out: Path) -> dict[str, dict[str, str]]:
+    """Copy each adapter's safetensors file under ``out/loras/NAME/``; the manifest entries."""
+    manifest = {}
+    for name, source in sorted(loras.items()):
+        check_name(name)
+        weights = _weights_file(Path(source))
+        _check_lora_file(weights)
+        target = out / LORA_DIR / name / weights.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(weights, target)
+        manifest[name] = {"path": f"{LORA_DIR}/{name}", "weight_name": weights.name, "sha256": sha256(target)}
+    return manifest
+
+
+def load_loras(base, root: Path, entries: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Load every packaged adapter into ``base`` (disabled); name → sha256."""
+    if not entries:
+        return {}
+    # transformers 5 logs a "LOAD REPORT" listing every base weight as "MISSING" when it loads an
+    # adapter into a text encoder; the adapter is loaded correctly, so keep that report out of the logs.
+    report = logging.getLogger("transformers.utils.loading_report")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first that the model now holds several: intended here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            _load_all(base, root, entries)
+    finally:
+        report.setLevel(level)
+    base.disable_lora()
+    return {name: entry["sha256"] for name, entry in entries.items()}
+
+
+def _load_all(base, root: Path, entries: dict[str, dict[str, str]]) -> None:
+    for name, entry in entries.items():
+        base.load_lora_weights(
+            str(root / entry["path"]),
+            weight_name=entry["weight_name"],
+            adapter_name=name,
+            use_safetensors=True,
+            local_files_only=True,
+        )
+
+
+def parse_selection(spec: str, scale: float, packaged: dict[str, str] | None) -> Selection:
+    """``"a:0.5, b"`` with ``lora_scale`` 0.8 → ``(("a", 0.5), ("b", 0.8))``; raises ``ValueError``."""
+    if not spec.strip():
+        return ()
+    packaged = packaged or {}
+    chosen: dict[str, float] = {}
+    for item in spec.split(","):
+        name, sep, weight_text = item.strip().partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"'lora': empty adapter name in {spec!r}; use NAME or NAME:WEIGHT, comma-separated")
+        if name not in packaged:
+            valid = ", ".join(sorted(packaged)) or "none (this artifact has no LoRA adapters)"
+            raise ValueError(f"'lora': unknown adapter {name!r}; packaged: {valid}")
+        try:
+            weight = float(weight_text) if sep else scale
+        except ValueError:
+            raise ValueError(f"'lora': weight of {name!r} must be a number, got {weight_text!r}") from None
+        if not (-10 <= weight <= 10):
+            raise ValueError(f"'lora': weight of {name!r} must be between -10 and 10, got {weight}")
+        if name in chosen:
+            raise ValueError(f"'lora': adapter {name!r} is named twice")
+        chosen[name] = weight
+    return tuple(sorted(chosen.items()))
+
+
+def split_prompt_tags(prompt: str) -> tuple[str, str]:
+    """PAI-EAS / A1111 tags: ``"girls <lora:toy:0.8>"`` → ``("girls", "toy:0.8")``.
+
+    The tags are taken out of the text that is encoded; a tag without a weight means weight 1.0 (as in
+    A1111; ``lora_scale`` applies to the ``lora`` param only). The second item is a ``lora`` spec.
+    """
+    specs = [f"{m.group(1).strip()}:{(m.group(2) or '1').strip()}" for m in PROMPT_TAG.finditer(prompt)]
+    if not specs:
+        return prompt, ""
+    text = " ".join(PROMPT_TAG.sub(" ", prompt).split())
+    return text, ",".join(specs)
+
+
+def format_selection(selection: Selection) -> str:
+    return ",".join(f"{name}:{weight:g}" for name, weight in selection)
+
+
+@contextmanager
+def activated(base: Any, selection: Selection) -> Iterator[None]:
+    """Enable exactly ``selection`` on ``base`` (and so on the shared text encoder) for one call."""
+    if not selection:
+        yield
+        return
+    base.enable_lora()
+    try:
+        base.set_adapters([n for n, _ in selection], adapter_weights=[w for _, w in selection])
+        yield
+    finally:
+        base.disable_lora()
