@@ -99,7 +99,8 @@ def test_crash_leftovers_are_repaired_on_resume(model, tmp_path):
     """A torn last line, an image without its line, a line without its image, a temp file."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"a dog {i}", "seed": 50 + i} for i in range(6)])
     output = tmp_path / "out"
-    run(model, prompts, output, CHEAP, progress=False)
+    # one row per call in both runs: a row's bytes can differ by batch company (by 1 level, see test_core)
+    run(model, prompts, output, CHEAP, chunk_size=1, progress=False)
     original = {e["row"]: (output / e["file"]).read_bytes() for e in manifest(output)}
     lines = (output / MANIFEST).read_text().splitlines(keepends=True)
 
@@ -110,7 +111,7 @@ def test_crash_leftovers_are_repaired_on_resume(model, tmp_path):
     (output / MANIFEST).write_text("".join(kept[:-1]) + kept[-1][:20])
     (output / "images" / ".000004.png.tmp").write_bytes(b"half an image")
 
-    summary = run(model, prompts, output, CHEAP, progress=False)
+    summary = run(model, prompts, output, CHEAP, chunk_size=1, progress=False)
 
     assert summary.scored == 3  # rows 1, 2 and 5
     entries = manifest(output)
@@ -141,13 +142,14 @@ def test_csv_jsonl_and_parquet_inputs_give_the_same_images(model, tmp_path):
     results = {}
     for suffix in ("csv", "jsonl", "parquet"):
         output = tmp_path / f"out-{suffix}"
-        run(model, tmp_path / f"p.{suffix}", output, CHEAP, progress=False)
-        results[suffix] = [(e, (output / e["file"]).read_bytes()) for e in manifest(output)]
+        run(model, tmp_path / f"p.{suffix}", output, CHEAP | {"num_inference_steps": 4}, progress=False)
+        entries = manifest(output)
+        assert [e["error"] for e in entries] == [None, None, None], suffix
+        results[suffix] = [(e, (output / e["file"]).read_bytes()) for e in entries]
 
     assert results["csv"] == results["jsonl"] == results["parquet"]
     entries = [e for e, _ in results["csv"]]
     assert [e["prompt"] for e in entries] == ["NA", "a red hat", "a green cat"]
-    assert [e["error"] for e in entries] == [None, None, None]
     assert [Image.open(tmp_path / "out-csv" / e["file"]).size for e in entries] == [(64, 64), (64, 96), (64, 64)]
 
 
