@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf mlruns mlflow.db demo_output

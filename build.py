@@ -5,6 +5,12 @@ python build.py build --base DIR --refiner DIR --output PATH     # real SDXL 1.0
 python build.py build --tiny --output PATH                       # tiny random weights (demo, tests)
 python build.py build --tiny --log [--name sdxl]                 # log to MLFLOW_TRACKING_URI instead
 python build.py template                                         # re-render MLmodel_template/signature.json
+
+python build.py register --tiny [--name sdxl]                    # log + register a new version
+python build.py promote sdxl --version 2 --to staging            # gate, then move models:/sdxl@staging
+python build.py promote sdxl --to production --rollback          # back to the previous holder
+python build.py copy sdxl --version 2 --to sdxl-prod             # copy_model_version to another name
+(registry commands use MLFLOW_TRACKING_URI, else ./mlflow.db + ./mlruns)
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from mlflow.exceptions import MlflowException
 
-from model_pkg.packaging import TEMPLATE, VARIANTS, BuildError, log_artifact, save_artifact, stage_components
+from model_pkg.packaging import (
+    TEMPLATE,
+    VARIANTS,
+    BuildError,
+    Staged,
+    log_artifact,
+    save_artifact,
+    stage_components,
+)
 
 
 def _config(pairs: list[str]) -> dict:
@@ -31,21 +46,32 @@ def _config(pairs: list[str]) -> dict:
     return config
 
 
-def cmd_build(args: argparse.Namespace) -> None:
-    if args.tiny == bool(args.base or args.refiner):
-        raise SystemExit("give either --tiny or both --base and --refiner")
-    if not args.tiny and not (args.base and args.refiner):
+def _stage(args: argparse.Namespace, tmp: str) -> Staged:
+    """Stage the components the source flags name (``--tiny``, ``--random-fullsize`` or ``--base``/``--refiner``)."""
+    synthetic = args.tiny or args.random_fullsize
+    if synthetic == bool(args.base or args.refiner) or (args.tiny and args.random_fullsize):
+        raise SystemExit("give one of --tiny, --random-fullsize, or both --base and --refiner")
+    if not synthetic and not (args.base and args.refiner):
         raise SystemExit("--base and --refiner are both required")
+    base, refiner, checker = args.base, args.refiner, args.safety_checker
+    if args.tiny:
+        from model_pkg.tiny import write_tiny_sdxl
+
+        tiny = write_tiny_sdxl(Path(tmp) / "src", seed=args.seed, safety_checker=args.tiny_safety_checker)
+        base, refiner, checker = tiny.base, tiny.refiner, checker or tiny.safety_checker
+    elif args.random_fullsize:
+        from model_pkg.fullsize import write_fullsize_sdxl
+
+        generated = write_fullsize_sdxl(Path(tmp) / "src", seed=args.seed)
+        base, refiner = generated.base, generated.refiner
+    return stage_components(Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant, vae=args.vae)
+
+
+def cmd_build(args: argparse.Namespace) -> None:
     if not (args.output or args.log):
         raise SystemExit("give --output PATH or --log")
     with tempfile.TemporaryDirectory(prefix="sdxl-build-") as tmp:
-        base, refiner, checker = args.base, args.refiner, args.safety_checker
-        if args.tiny:
-            from model_pkg.tiny import write_tiny_sdxl
-
-            tiny = write_tiny_sdxl(Path(tmp) / "src", seed=args.seed, safety_checker=args.tiny_safety_checker)
-            base, refiner, checker = tiny.base, tiny.refiner, checker or tiny.safety_checker
-        staged = stage_components(Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant)
+        staged = _stage(args, tmp)
         config = _config(args.config)
         if args.log:
             import mlflow
@@ -58,6 +84,51 @@ def cmd_build(args: argparse.Namespace) -> None:
             print(f"saved model to {args.output}; shared components: {', '.join(staged.manifest['shared']) or 'none'}")
 
 
+def cmd_register(args: argparse.Namespace) -> None:
+    from model_pkg import registry
+
+    with tempfile.TemporaryDirectory(prefix="sdxl-register-") as tmp:
+        staged = _stage(args, tmp)
+        registry.use_experiment(args.experiment)
+        tags = {"build": f"tiny random weights (seed {args.seed})"} if args.tiny else {}
+        if args.random_fullsize:
+            tags = {"build": f"full-size random weights (seed {args.seed})"}
+        mv = registry.register(
+            staged, args.name, model_config=_config(args.config), tags=tags, description=args.description
+        )
+    print(f"registered {args.name} version {mv.version} in {registry.tracking_uri()}")
+    print(f"model URI: models:/{args.name}/{mv.version}  (source {mv.source})")
+    for key in sorted(k for k in mv.tags if k.startswith(("sha256.", "version."))):
+        print(f"  {key} = {mv.tags[key]}")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from model_pkg import registry
+
+    if args.rollback == (args.version is not None):
+        raise SystemExit("give --version V, or --rollback (which takes no version: the previous holder comes back)")
+    registry.use_store()
+    if args.rollback:
+        promotion = registry.rollback(args.name, args.to, use_stages=args.use_stages)
+        print(f"rolled back: {promotion}")
+        return
+    promotion = registry.promote(args.name, args.version, args.to, use_stages=args.use_stages, dry_run=args.dry_run)
+    print(promotion.report)
+    print("dry run: nothing moved" if args.dry_run else f"promoted: {promotion}")
+
+
+def cmd_copy(args: argparse.Namespace) -> None:
+    from model_pkg import registry
+
+    if (args.version is None) == (args.alias is None):
+        raise SystemExit("give --version V or --alias ALIAS")
+    registry.use_store()
+    ref = args.version if args.version is not None else f"@{args.alias}"
+    copied = registry.copy_version(args.name, ref, args.to)
+    source = f"models:/{args.name}/{ref}" if args.version is not None else f"models:/{args.name}{ref}"
+    print(f"copied {source} to models:/{args.to}/{copied.version} ({copied.tags['copied_from']})")
+
+
 def cmd_template(args: argparse.Namespace) -> None:
     from model_pkg.contract import signature
 
@@ -66,27 +137,60 @@ def cmd_template(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="stable-diffusion-xl-base-1.0 folder (diffusers format)")
+    parser.add_argument("--refiner", help="stable-diffusion-xl-refiner-1.0 folder (diffusers format)")
+    parser.add_argument("--tiny", action="store_true", help="build from tiny random-weight pipelines (no download)")
+    parser.add_argument(
+        "--random-fullsize", action="store_true", help="published SDXL 1.0 sizes, random fp16 weights (GPU timing)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="--tiny / --random-fullsize: weight seed")
+    parser.add_argument("--safety-checker", help="folder with a StableDiffusionSafetyChecker + CLIP image processor")
+    parser.add_argument(
+        "--tiny-safety-checker", choices=["never", "always"], help="--tiny: add a tiny checker that never/always flags"
+    )
+    parser.add_argument("--vae", help="VAE folder replacing base's and refiner's (e.g. an fp16-fixed SDXL VAE)")
+    parser.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help="model_config (limits, device)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="package SDXL base + refiner as an MLflow pyfunc model")
-    build.add_argument("--base", help="stable-diffusion-xl-base-1.0 folder (diffusers format)")
-    build.add_argument("--refiner", help="stable-diffusion-xl-refiner-1.0 folder (diffusers format)")
-    build.add_argument("--tiny", action="store_true", help="build from tiny random-weight pipelines (no download)")
-    build.add_argument("--seed", type=int, default=0, help="--tiny: weight seed")
-    build.add_argument("--safety-checker", help="folder with a StableDiffusionSafetyChecker + CLIP image processor")
-    build.add_argument(
-        "--tiny-safety-checker", choices=["never", "always"], help="--tiny: add a tiny checker that never/always flags"
-    )
-    build.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
-    build.add_argument(
-        "--config", action="append", default=[], metavar="KEY=VALUE", help="model_config (limits, device)"
-    )
+    _add_source_args(build)
     build.add_argument("--output", help="model directory to write")
     build.add_argument("--log", action="store_true", help="log to the active MLflow tracking URI instead")
     build.add_argument("--name", default="sdxl", help="--log: logged model name")
     build.set_defaults(func=cmd_build)
+
+    register = sub.add_parser("register", help="log the artifact and register it as a new model version")
+    _add_source_args(register)
+    register.add_argument("--name", default="sdxl", help="registered model name")
+    register.add_argument("--experiment", default="sdxl", help="experiment of the logging run")
+    register.add_argument("--description", help="model version description")
+    register.set_defaults(func=cmd_register)
+
+    promote = sub.add_parser("promote", help="validate a version and move an alias to it, or roll the alias back")
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("--version", help="the candidate version")
+    promote.add_argument("--to", required=True, choices=["staging", "production"], help="alias to move")
+    promote.add_argument("--rollback", action="store_true", help="return the alias to its previous holder")
+    promote.add_argument(
+        "--use-stages", action="store_true", help="also move the deprecated stage (Staging/Production)"
+    )
+    promote.add_argument("--dry-run", action="store_true", help="run the validation gate only")
+    promote.set_defaults(func=cmd_promote)
+
+    copy = sub.add_parser("copy", help="copy a model version to another registered model (copy_model_version)")
+    copy.add_argument("name", help="source registered model")
+    copy.add_argument("--version", help="source version")
+    copy.add_argument("--alias", help="source alias (instead of --version)")
+    copy.add_argument("--to", required=True, help="destination registered model (created if missing)")
+    copy.set_defaults(func=cmd_copy)
 
     template = sub.add_parser("template", help="re-render MLmodel_template/signature.json from the code")
     template.set_defaults(func=cmd_template)
@@ -96,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except BuildError as e:
         sys.exit(f"build failed: {e}")
+    except MlflowException as e:  # a refused promotion carries the gate report
+        sys.exit(f"{args.command} failed: {e.message}")
 
 
 if __name__ == "__main__":

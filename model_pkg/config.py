@@ -36,6 +36,20 @@ class ModelConfig(BaseModel):
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
     image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "WEBP"), description="accepted input image formats")
 
+    # Speed and memory (see performance.py); the defaults are plain diffusers.
+    attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")
+    channels_last: bool = Field(False, description="UNets and VAE in channels_last memory format")
+    compile: Literal["none", "unet", "unet+vae"] = Field("none", description="torch.compile these at load")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field("default", description="torch.compile")
+    warmup_size: int = Field(
+        1024, ge=0, description="with compile: one warm-up generation at this square size at load; 0 skips it"
+    )
+    vae_slicing: bool = Field(False, description="decode a batch one image at a time (less memory)")
+    vae_tiling: bool = Field(False, description="decode large images in tiles (less memory)")
+    cpu_offload: Literal["none", "model"] = Field(
+        "none", description="model: keep modules on the CPU and move each to the device while it runs (small GPUs)"
+    )
+
 
 def load_model_config(raw: dict[str, Any] | None, environ: dict[str, str] | None = None) -> ModelConfig:
     """Validate the MLflow ``model_config`` dict (plus ``SDXL_DEVICE``/``SDXL_DTYPE`` overrides)."""

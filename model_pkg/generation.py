@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pandas as pd
 import torch
 from PIL import Image
 
+from model_pkg.config import ModelConfig
 from model_pkg.pipelines import Pipelines, call_view
-from model_pkg.request import RowSpec, Settings
+from model_pkg.request import RowSpec, Settings, parse_request
 
 # on_step(stage, step_index): called after every denoising step; stage is "base" or "refiner".
 StepCallback = Callable[[str, int], None]
@@ -111,3 +113,12 @@ def generate(
     """Yield each batch of rows with its images, batching rows that share a configuration."""
     for batch in plan_batches(rows, max_batch_size):
         yield batch, generate_batch(pipes, batch, on_step)
+
+
+def warm_up(pipes: Pipelines, config: ModelConfig) -> None:
+    """One short ensemble generation at ``warmup_size``², so that ``torch.compile`` compiles the
+    base UNet, the refiner UNet and the VAE decoder at load time rather than in the first request."""
+    size = config.warmup_size
+    params = {"height": size, "width": size, "num_inference_steps": 5, "seed": 0}
+    rows = parse_request(pd.DataFrame({"prompt": ["warm-up"]}), params, config).rows
+    generate_batch(pipes, rows)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from model_pkg.config import load_model_config
 from model_pkg.contract import output_frame
+from model_pkg.generation import warm_up
 from model_pkg.pipelines import load_pipelines
 from model_pkg.request import parse_request
 from model_pkg.scoring import score
@@ -22,6 +23,8 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.config = load_model_config(context.model_config)
         self.pipelines = load_pipelines(context.artifacts["sdxl"], self.config)
+        if self.config.compile != "none" and self.config.warmup_size:
+            warm_up(self.pipelines, self.config)
         # One generation at a time per process: in float16, diffusers upcasts the *shared* VAE
         # inside each call; requests still parse and validate in parallel. Scale with workers.
         self._lock = threading.Lock()

@@ -88,9 +88,18 @@ def _components(pipeline_dir: Path, expected_class: str) -> list[str]:
 
 
 def stage_components(
-    base: Path, refiner: Path, out: Path, safety_checker: Path | None = None, variant: str = "all"
+    base: Path,
+    refiner: Path,
+    out: Path,
+    safety_checker: Path | None = None,
+    variant: str = "all",
+    vae: Path | None = None,
 ) -> Staged:
-    """Lay out the artifact's ``sdxl`` folder under ``out`` (which must not exist)."""
+    """Lay out the artifact's ``sdxl`` folder under ``out`` (which must not exist).
+
+    ``vae`` replaces the VAE of both pipelines (e.g. an fp16-fixed SDXL VAE, whose config needs no
+    float32 upcast); it is stored once and shared.
+    """
     if variant not in VARIANTS:
         raise BuildError(f"variant must be one of {VARIANTS}")
     base, refiner, out = Path(base), Path(refiner), Path(out)
@@ -103,14 +112,15 @@ def stage_components(
     for role, (src, components) in pipelines.items():
         _place(src / "model_index.json", out / role / "model_index.json")
         for name in components:
-            files = _select_files(src / name, variant)
-            digest = _hash(files, src / name)
+            folder = Path(vae) if vae is not None and name == "vae" else src / name
+            files = _select_files(folder, variant)
+            digest = _hash(files, folder)
             if role == "refiner" and name in SHAREABLE and hashes.get(f"base/{name}") == digest:
                 shared.append(name)  # identical to the base's: stored and loaded once
                 continue
             hashes[f"{role}/{name}"] = digest
             for f in files:
-                _place(f, out / role / f.relative_to(src))
+                _place(f, out / role / name / f.relative_to(folder))
     if safety_checker is not None:
         files = _select_files(Path(safety_checker), variant)
         if not any(f.suffix == ".safetensors" for f in files):
@@ -125,7 +135,8 @@ def stage_components(
         "shared": shared,
         "hashes": hashes,
         "sources": {"base": str(base.resolve()), "refiner": str(refiner.resolve())}
-        | ({"safety_checker": str(Path(safety_checker).resolve())} if safety_checker else {}),
+        | ({"safety_checker": str(Path(safety_checker).resolve())} if safety_checker else {})
+        | ({"vae": str(Path(vae).resolve())} if vae else {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Staged(out, manifest)
@@ -183,5 +194,8 @@ def save_artifact(staged: Staged, output: Path, model_config: dict[str, Any] | N
 def log_artifact(
     staged: Staged, name: str = "sdxl", model_config: dict[str, Any] | None = None, **log_kwargs: Any
 ) -> mlflow.models.model.ModelInfo:
-    """Log to the active tracking URI (MLflow validates the input example by scoring it once)."""
-    return mlflow.pyfunc.log_model(name=name, **_model_kwargs(staged, model_config), **log_kwargs)
+    """Log to the active tracking URI (MLflow validates the input example by scoring it once).
+
+    ``log_kwargs`` go to ``mlflow.pyfunc.log_model`` and override the defaults (e.g. ``signature``).
+    """
+    return mlflow.pyfunc.log_model(name=name, **(_model_kwargs(staged, model_config) | log_kwargs))

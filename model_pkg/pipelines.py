@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from model_pkg.config import ModelConfig
+from model_pkg.performance import apply_options
 from model_pkg.safety import SafetyChecker
 from model_pkg.schedulers import make_scheduler
 
@@ -90,8 +91,8 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     base = _from_pretrained(StableDiffusionXLPipeline, root / manifest["base"], dtype)
     shared = {name: getattr(base, name) for name in manifest["shared"]}
     refiner = _from_pretrained(StableDiffusionXLImg2ImgPipeline, root / manifest["refiner"], dtype, **shared)
+    apply_options(base, refiner, config, device)  # device placement, attention, compile, ...
     for pipe in (base, refiner):
-        pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
     checker = None
     if manifest.get("safety_checker"):

@@ -9,6 +9,7 @@ without downloading anything. Deterministic from ``seed``; builds in seconds on 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,8 @@ def write_tiny_sdxl(out_dir: str | Path, seed: int = 0, safety_checker: str | No
     ``safety_checker`` is ``None`` (no checker), ``"never"`` or ``"always"`` (see :func:`tiny_safety_checker`).
     """
     out = Path(out_dir)
-    tokenizer = write_tokenizer(out / "_tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tokenizer(Path(tmp))
     vocab_size = len(tokenizer)
 
     torch.manual_seed(seed)
@@ -185,6 +187,22 @@ def write_tiny_sdxl(out_dir: str | Path, seed: int = 0, safety_checker: str | No
     base_unet = _unet(cross_attention_dim=2 * TEXT_HIDDEN, time_ids=6).eval()
     refiner_unet = _unet(cross_attention_dim=TEXT_HIDDEN, time_ids=5).eval()
 
+    return save_sdxl_pipelines(
+        out, tokenizer, text_encoder, text_encoder_2, vae, base_unet, refiner_unet, safety_checker
+    )
+
+
+def save_sdxl_pipelines(
+    out: Path,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    vae: AutoencoderKL,
+    base_unet: UNet2DConditionModel,
+    refiner_unet: UNet2DConditionModel,
+    safety_checker: str | None = None,
+) -> TinySDXL:
+    """Assemble SDXL base + refiner pipelines from modules, as SDXL 1.0 wires them, and save them."""
     base = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

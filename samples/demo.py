@@ -26,7 +26,8 @@ import pandas as pd  # noqa: E402
 
 from model_pkg.azure import azure_request_to_frame, to_azure_response  # noqa: E402
 from model_pkg.image_codec import b64_to_image  # noqa: E402
-from model_pkg.packaging import log_artifact, stage_components  # noqa: E402
+from model_pkg.packaging import stage_components  # noqa: E402
+from model_pkg.registry import register, use_experiment  # noqa: E402
 from model_pkg.tiny import write_tiny_sdxl  # noqa: E402
 
 MODEL_NAME = "sdxl-tiny"
@@ -36,17 +37,12 @@ PARAMS = {"num_inference_steps": 20, "height": 128, "width": 128, "seed": 42}
 
 def main() -> None:
     start = time.perf_counter()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}"))
-    if mlflow.get_experiment_by_name("sdxl-demo") is None:
-        mlflow.create_experiment("sdxl-demo", artifact_location=(ROOT / "mlruns").as_uri())
-    mlflow.set_experiment("sdxl-demo")
+    use_experiment("sdxl-demo")  # MLFLOW_TRACKING_URI, else ./mlflow.db + ./mlruns
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_sdxl(Path(tmp) / "src")
         staged = stage_components(tiny.base, tiny.refiner, Path(tmp) / "sdxl")
-        with mlflow.start_run(run_name="demo-build"):
-            info = log_artifact(staged, name="sdxl")
-    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+        version = register(staged, MODEL_NAME, tags={"build": "tiny random weights (seed 0)"}).version
     uri = f"models:/{MODEL_NAME}/{version}"
     print(f"registered {MODEL_NAME} version {version} in {mlflow.get_tracking_uri()}")
 

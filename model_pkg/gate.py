@@ -1,0 +1,295 @@
+"""The validation gate a model version passes before it takes a registry alias.
+
+The candidate is downloaded from the registry and loaded like a server would load it. It must
+score its own input example (the MLmodel's, with its small params), return the output columns and
+types its signature declares, give the same bytes twice for a fixed seed, and keep the signature
+of the version that holds the target alias now: no removed input columns or params, no newly
+required input, no changed types, no removed output columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, ParamSchema, Schema
+
+DEFAULT_SEED = 0  # used when the input example's params carry no seed
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class GateReport:
+    """What the gate checked for ``models:/NAME/VERSION`` before it may take ``@alias``."""
+
+    name: str
+    version: str
+    alias: str
+    holder: str | None
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def add(self, name: str, problems: list[str], ok_detail: str = "") -> bool:
+        self.checks.append(Check(name, not problems, "; ".join(problems) if problems else ok_detail))
+        return not problems
+
+    def __str__(self) -> str:
+        held = f"held by version {self.holder}" if self.holder else "not held yet"
+        verdict = "PASSED" if self.passed else "REFUSED"
+        lines = [f"validation gate for models:/{self.name}/{self.version} -> @{self.alias} ({held}): {verdict}"]
+        for c in self.checks:
+            lines.append(f"  [{'ok' if c.ok else 'FAIL'}] {c.name}" + (f": {c.detail}" if c.detail else ""))
+        return "\n".join(lines)
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+
+def _type(spec: ColSpec) -> str:
+    described = spec.to_dict()
+    return str(described.get("type")) if set(described) <= {"name", "type", "required"} else json.dumps(described)
+
+
+def _columns(schema: Schema | None) -> dict[str, ColSpec]:
+    return {spec.name: spec for spec in (schema.inputs if schema is not None else [])}
+
+
+def _params(params: ParamSchema | None) -> dict[str, Any]:
+    return {p.name: p for p in (params.params if params is not None else [])}
+
+
+def describe_schema(schema: Schema | None) -> str:
+    """``prompt:string, image:string?`` (``?`` = optional column)."""
+    return ", ".join(f"{n}:{_type(s)}{'' if s.required else '?'}" for n, s in _columns(schema).items())
+
+
+def describe_params(params: ParamSchema | None) -> str:
+    """``refiner:string=ensemble, seed:long=-1``."""
+    return ", ".join(f"{n}:{p.to_dict()['type']}={p.default}" for n, p in _params(params).items())
+
+
+def breaking_changes(current: ModelSignature, candidate: ModelSignature) -> list[str]:
+    """What a client of ``current`` would see break if ``candidate`` replaced it (empty: compatible)."""
+    problems = []
+    old, new = _columns(current.inputs), _columns(candidate.inputs)
+    for name, spec in old.items():
+        if name not in new:
+            problems.append(f"input column {name!r} removed")
+        elif _type(spec) != _type(new[name]):
+            problems.append(f"input column {name!r} type {_type(spec)} -> {_type(new[name])}")
+        elif new[name].required and not spec.required:
+            problems.append(f"input column {name!r} became required")
+    problems += [f"new required input column {n!r}" for n, s in new.items() if n not in old and s.required]
+    old_params, new_params = _params(current.params), _params(candidate.params)
+    for name, spec in old_params.items():
+        if name not in new_params:
+            problems.append(f"param {name!r} removed")
+        elif (spec.dtype, spec.shape) != (new_params[name].dtype, new_params[name].shape):
+            old_type, new_type = spec.to_dict()["type"], new_params[name].to_dict()["type"]
+            problems.append(f"param {name!r} type {old_type} -> {new_type}")
+    old_out, new_out = _columns(current.outputs), _columns(candidate.outputs)
+    for name, spec in old_out.items():
+        if name not in new_out:
+            problems.append(f"output column {name!r} removed")
+        elif _type(spec) != _type(new_out[name]):
+            problems.append(f"output column {name!r} type {_type(spec)} -> {_type(new_out[name])}")
+    return problems
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+_PYTHON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "boolean": (bool, np.bool_),
+    "long": (int, np.integer),
+    "integer": (int, np.integer),
+    "double": (float, int, np.floating, np.integer),
+    "float": (float, int, np.floating, np.integer),
+    "binary": (bytes,),
+}
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _wrong_type(values: Iterable[Any], type_name: str) -> Any:
+    expected = _PYTHON_TYPES.get(type_name)
+    if expected is None:  # any, datetime, arrays, objects: not checked value by value
+        return None
+    for value in values:
+        bad_bool = isinstance(value, bool | np.bool_) and type_name not in ("boolean",)
+        if not _is_null(value) and (bad_bool or not isinstance(value, expected)):
+            return value
+    return None
+
+
+def output_problems(frame: Any, schema: Schema | None, rows: int) -> list[str]:
+    """Differences between a predict result and the declared output schema."""
+    if schema is None:
+        return ["the signature declares no outputs"]
+    if not isinstance(frame, pd.DataFrame):
+        return [f"predict returned {type(frame).__name__}, not a DataFrame"]
+    declared = _columns(schema)
+    problems = [] if len(frame) == rows else [f"{len(frame)} output rows for {rows} input rows"]
+    problems += [f"undeclared output column {c!r}" for c in frame.columns if c not in declared]
+    for name, spec in declared.items():
+        if name not in frame.columns:
+            if spec.required:
+                problems.append(f"declared output column {name!r} missing")
+            continue
+        values = frame[name].tolist()
+        if spec.required and any(_is_null(v) for v in values):
+            problems.append(f"required output column {name!r} has nulls")
+        bad = _wrong_type(values, _type(spec))
+        if bad is not None:
+            problems.append(f"output column {name!r} declared {_type(spec)}, got {type(bad).__name__} {bad!r:.40}")
+    return problems
+
+
+def _differences(first: pd.DataFrame, second: pd.DataFrame) -> list[int]:
+    columns = [c for c in ("generated_image", "seed") if c in first.columns and c in second.columns]
+    if not columns:
+        columns = list(first.columns)
+    return [i for i in range(len(first)) if any(first[c].iloc[i] != second[c].iloc[i] for c in columns)]
+
+
+# -- the gate -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _own_code(local: str, meta: Model) -> Iterator[None]:
+    """Let the candidate import the modules it carries (MLflow ``code_paths``), as a server would.
+
+    MLflow only prepends the artifact's code folder to ``sys.path``; modules this process already
+    imported (this project's ``model_pkg``) would shadow the candidate's own copies. Hide them while
+    the candidate loads and predicts, then put this process's modules and ``sys.path`` back.
+    """
+    code = meta.flavors.get("python_function", {}).get("code")
+    folder = Path(local) / code if code else None
+    names = {p.stem if p.suffix == ".py" else p.name for p in folder.iterdir()} if folder and folder.is_dir() else set()
+
+    def carried() -> list[str]:
+        return [m for m in sys.modules if m.split(".")[0] in names]
+
+    saved_path, saved = sys.path[:], {m: sys.modules[m] for m in carried()}
+    for module in saved:
+        del sys.modules[module]
+    try:
+        yield
+    finally:
+        for module in carried():
+            del sys.modules[module]
+        sys.modules.update(saved)
+        sys.path[:] = saved_path
+
+
+def validate(name: str, version: str, alias: str, holder: str | None = None) -> GateReport:
+    """Run every check on ``models:/name/version``; never raises for a bad model, reports instead."""
+    report = GateReport(name, str(version), alias, str(holder) if holder is not None else None)
+    with tempfile.TemporaryDirectory(prefix="sdxl-gate-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+            meta = Model.load(local)
+        except Exception as e:  # any load failure is a verdict, not a crash
+            report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
+            return report
+        with _own_code(local, meta):
+            _check_candidate(report, local, meta)
+    return report
+
+
+def _check_candidate(report: GateReport, local: str, meta: Model) -> None:
+    name, version, holder = report.name, report.version, report.holder
+    try:
+        example = meta.load_input_example(local)
+        params = dict(meta.load_input_example_params(local) or {})
+        model = mlflow.pyfunc.load_model(local)
+    except Exception as e:
+        report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
+        return
+    report.add("loads from the registry", [], f"models:/{name}/{version}")
+    _check_signature(report, meta.signature, name, holder, version)
+    if example is None:
+        report.add("scores its input example", ["the model has no input example"])
+        return
+    example = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
+    params.setdefault("seed", DEFAULT_SEED)
+    try:
+        start = time.perf_counter()
+        first = model.predict(example, params=params)
+        took = time.perf_counter() - start
+    except Exception as e:
+        report.add("scores its input example", [f"{type(e).__name__}: {e}"])
+        return
+    report.add("scores its input example", [], f"{len(example)} rows, params {params}, {took:.1f} s")
+    outputs = meta.signature.outputs if meta.signature is not None else None
+    report.add("output matches the declared schema", output_problems(first, outputs, len(example)))
+    _check_determinism(report, model, example, params, first, meta.signature)
+
+
+def _check_signature(
+    report: GateReport, signature: ModelSignature | None, name: str, holder: str | None, version: str
+) -> None:
+    check = f"signature compatible with version {holder} (@{report.alias})"
+    if signature is None:
+        report.add("signature compatible", ["the model has no signature"])
+    elif holder is None or str(holder) == str(version):
+        report.add("signature compatible", [], f"nothing to compare: @{report.alias} is not held by another version")
+    else:
+        current = mlflow.models.get_model_info(f"models:/{name}/{holder}").signature
+        if current is None:
+            report.add(check, [], f"version {holder} has no signature to compare with")
+        else:
+            report.add(check, breaking_changes(current, signature))
+
+
+def _check_determinism(
+    report: GateReport,
+    model: mlflow.pyfunc.PyFuncModel,
+    example: pd.DataFrame,
+    params: dict[str, Any],
+    first: pd.DataFrame,
+    signature: ModelSignature | None,
+) -> None:
+    check = f"deterministic for seed {params['seed']}"
+    try:
+        second = model.predict(example, params=params)
+    except Exception as e:
+        report.add(check, [f"second run failed: {type(e).__name__}: {e}"])
+        return
+    if not isinstance(first, pd.DataFrame) or not isinstance(second, pd.DataFrame) or len(first) != len(second):
+        report.add(check, ["the two runs returned different shapes"])
+        return
+    rows = _differences(first, second)
+    if not rows:
+        report.add(check, [], "two runs, identical outputs")
+        return
+    declared = signature is not None and "seed" in _params(signature.params)
+    hint = "" if declared else " (the signature declares no 'seed' param)"
+    report.add(check, [f"two runs differ in rows {rows}{hint}"])

@@ -1,0 +1,302 @@
+"""Registry lifecycle on real MLflow registries: register, gate, promote by alias, roll back, copy, serve.
+
+Two stores run the same flow: an embedded sqlite file and a real ``mlflow server`` process (sqlite
+backend, proxied local artifact store) started and stopped here. Versions are logged once per store
+(logging validates the input example, seconds each): v1 and v2 are good models with different
+weights, v3 is v1's weights saved with a broken signature (an output column renamed, the ``seed``
+output retyped, the ``seed`` param removed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import diffusers
+import mlflow
+import numpy as np
+import pytest
+import requests
+from helpers import FAST, decode, frame, pixels
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from processes import VENV_BIN, child_env, free_port, running
+
+import build
+from model_pkg import contract, registry
+from model_pkg.contract import OUTPUT_COLUMNS, signature
+from model_pkg.gate import breaking_changes
+from model_pkg.packaging import Staged, stage_components
+from model_pkg.registry import PromotionRefused, holder, promote, rollback
+from model_pkg.tiny import write_tiny_sdxl
+
+NAME = "sdxl-dev"
+REQUEST = {"prompt": "a red bicycle", "seed": 7}
+
+
+@contextmanager
+def store(uri: str) -> Iterator[MlflowClient]:
+    """Use ``uri`` as the CLI would (``MLFLOW_TRACKING_URI``) and as the library does; restore afterwards."""
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        registry.use_experiment("tests")
+        try:
+            yield MlflowClient()
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
+
+
+def broken_signature() -> ModelSignature:
+    """The real signature with ``generated_image`` renamed, ``seed`` output as string, no ``seed`` param."""
+    good = signature()
+    renamed = {"generated_image": ColSpec("string", "images"), "seed": ColSpec("string", "seed")}
+    outputs = Schema([renamed.get(spec.name, spec) for spec in good.outputs.inputs])
+    params = ParamSchema([p for p in good.params.params if p.name != "seed"])
+    return ModelSignature(inputs=good.inputs, outputs=outputs, params=params)
+
+
+@pytest.fixture(scope="module")
+def staged(tiny, tmp_path_factory) -> dict[str, Staged]:
+    work = tmp_path_factory.mktemp("registry-sources")
+    other = write_tiny_sdxl(work / "tiny-seed1", seed=1)
+    return {
+        "v1": stage_components(tiny.base, tiny.refiner, work / "v1"),
+        "v2": stage_components(other.base, other.refiner, work / "v2"),
+    }
+
+
+def register_good_and_broken(staged: dict[str, Staged], v1: str | None = None) -> dict[str, str]:
+    """v2 (other weights) and v3 (broken signature) after an existing v1, or all three."""
+    if v1 is None:
+        v1 = str(registry.register(staged["v1"], NAME).version)
+    v2 = str(registry.register(staged["v2"], NAME).version)
+    v3 = registry.register(staged["v1"], NAME, signature=broken_signature(), tags={"note": "deliberately broken"})
+    return {"v1": v1, "v2": v2, "v3": str(v3.version)}
+
+
+@pytest.fixture(scope="module")
+def sqlite_registry(staged, tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """An embedded sqlite registry; v1 registered through ``build.py register --tiny``."""
+    folder = tmp_path_factory.mktemp("sqlite-registry")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with store(uri) as client:
+        build.main(["register", "--tiny", "--name", NAME, "--experiment", "tests"])
+        (v1,) = [str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")]
+        return uri, register_good_and_broken(staged, v1=v1)
+
+
+@pytest.fixture(scope="module")
+def server_registry(staged, tmp_path_factory) -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied local artifact store)."""
+    folder = tmp_path_factory.mktemp("tracking-server")
+    port = free_port()
+    args = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    args += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
+    args += ["--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
+    url = f"http://127.0.0.1:{port}"
+    # The registry needs no server-side jobs: skip the job runner and its worker processes.
+    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with running(args, f"{url}/health", folder / "server.log", env):
+        with store(url):
+            versions = register_good_and_broken(staged)
+        yield url, versions, folder
+
+
+def promotion_flow(client: MlflowClient, v: dict[str, str]) -> None:
+    """staging → production, a refused broken candidate, promotion, rollback, load by alias."""
+    assert promote(NAME, v["v1"], "staging").previous is None
+    assert promote(NAME, v["v1"], "production").version == v["v1"]
+    assert promote(NAME, v["v2"], "staging").previous == v["v1"]
+    assert (holder(NAME, "staging"), holder(NAME, "production")) == (v["v2"], v["v1"])
+
+    with pytest.raises(PromotionRefused) as refused:
+        promote(NAME, v["v3"], "production")
+    report = str(refused.value.report)
+    assert f"models:/{NAME}/{v['v3']} -> @production (held by version {v['v1']}): REFUSED" in report
+    for problem in (
+        "output column 'generated_image' removed",
+        "output column 'seed' type long -> string",
+        "param 'seed' removed",
+        "declared output column 'images' missing",
+        "undeclared output column 'generated_image'",
+        "output column 'seed' declared string, got int",
+        "two runs differ in rows [0, 1] (the signature declares no 'seed' param)",
+    ):
+        assert problem in report
+    passed = [c.name for c in refused.value.report.checks if c.ok]
+    assert passed == ["loads from the registry", "scores its input example"]
+    assert holder(NAME, "production") == v["v1"]  # the alias did not move
+    assert client.get_model_version(NAME, v["v3"]).tags["validation.production"].startswith("refused")
+
+    assert promote(NAME, v["v2"], "production").previous == v["v1"]
+    assert holder(NAME, "production") == v["v2"]
+    back = rollback(NAME, "production")
+    assert (back.version, back.previous) == (v["v1"], v["v2"])
+    assert holder(NAME, "production") == v["v1"]
+    assert client.get_model_version(NAME, v["v2"]).tags["rolled_back.production"].endswith(f"back to {v['v1']}")
+    with pytest.raises(MlflowException, match="records no previous holder"):
+        rollback(NAME, "production")  # v1 took production first: nothing before it
+
+    out = mlflow.pyfunc.load_model(f"models:/{NAME}@production").predict(frame(REQUEST), params=FAST)
+    assert list(out.columns) == list(OUTPUT_COLUMNS)
+    assert decode(out["generated_image"][0]).size == (64, 64)
+    assert out["seed"].tolist() == [7]
+
+
+def test_default_store_is_an_embedded_sqlite_file_in_the_project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        experiment_id = registry.use_experiment("sdxl", project=tmp_path)
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+        assert (tmp_path / "mlflow.db").is_file()
+        assert mlflow.get_experiment(experiment_id).artifact_location == (tmp_path / "mlruns").as_uri()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+        assert registry.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def test_breaking_changes_name_what_a_client_would_lose():
+    good = signature()
+    assert breaking_changes(good, good) == []
+    fewer_inputs = Schema([s for s in good.inputs.inputs if s.name != "negative_prompt"] + [ColSpec("long", "steps")])
+    retyped_param = ParamSchema(
+        [ParamSpec("refiner", "long", 1) if p.name == "refiner" else p for p in good.params.params]
+    )
+    changed = ModelSignature(inputs=fewer_inputs, outputs=good.outputs, params=retyped_param)
+    assert breaking_changes(good, changed) == [
+        "input column 'negative_prompt' removed",
+        "new required input column 'steps'",
+        "param 'refiner' type string -> long",
+    ]
+    # Adding optional inputs, params and outputs is compatible.
+    assert breaking_changes(changed, changed) == []
+    assert breaking_changes(ModelSignature(inputs=good.inputs, outputs=good.outputs), good) == []
+
+
+def test_registered_versions_carry_what_a_reviewer_needs(sqlite_registry, staged):
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        first, second = (client.get_model_version(NAME, v[k]).tags for k in ("v1", "v2"))
+    assert first["build"] == "tiny random weights (seed 0)"  # registered through the CLI
+    hashes = staged["v2"].manifest["hashes"]
+    assert {k: second[f"sha256.{k}"] for k in hashes} == hashes
+    assert first["sha256.base/unet"] != second["sha256.base/unet"]  # other weights, other hash
+    assert second["source.base"] == str(Path(staged["v2"].manifest["sources"]["base"]))
+    assert second["components.shared"] == "text_encoder_2, tokenizer_2, vae"
+    assert second["safety_checker"] == "none"
+    assert second["version.diffusers"] == diffusers.__version__
+    assert second["version.mlflow"] == mlflow.__version__
+    assert second["signature.outputs"] == (
+        "prompt:string, generated_image:string, nsfw_content_detected:boolean?, seed:long, error:string?"
+    )
+    assert second["signature.inputs"].startswith("prompt:string, image:string?, negative_prompt:any?")
+    assert "seed:long=-1" in second["signature.params"]
+
+
+def test_promotion_flow_on_embedded_sqlite_and_serving_production(sqlite_registry, tmp_path):
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        promotion_flow(client, v)
+        expected = {
+            key: mlflow.pyfunc.load_model(f"models:/{NAME}/{v[key]}").predict(frame(REQUEST), params=FAST)
+            for key in ("v1", "v2")
+        }
+
+    # A server started now serves the rolled-back holder of @production (v1), not v2.
+    port = free_port()
+    args = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@production"]
+    args += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-t", "120"]
+    with running(args, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", child_env(MLFLOW_TRACKING_URI=uri)):
+        response = requests.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_records": [REQUEST], "params": FAST},
+            timeout=120,
+        )
+    assert response.status_code == 200, response.text
+    (served,) = response.json()["predictions"]
+    assert served["seed"] == 7
+    image = pixels(served["generated_image"])
+    assert np.abs(image - pixels(expected["v1"]["generated_image"][0])).max() <= 2
+    assert np.abs(image - pixels(expected["v2"]["generated_image"][0])).max() > 20
+
+
+def test_promotion_flow_on_a_tracking_server(server_registry):
+    url, v, folder = server_registry
+    with store(url) as client:
+        assert client.get_model_version_download_uri(NAME, v["v1"]).startswith("mlflow-artifacts:")
+        promotion_flow(client, v)
+    assert list((folder / "artifacts").rglob("MLmodel"))  # artifacts went through the server to its store
+
+
+def test_cli_copies_to_another_name_and_promotes_with_stages(sqlite_registry, capsys):
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        for key in ("v1", "v2", "v3"):
+            build.main(["copy", NAME, "--version", v[key], "--to", "sdxl-prod"])
+        assert f"copied models:/{NAME}/{v['v3']} to models:/sdxl-prod/3" in capsys.readouterr().out
+        copies = {str(mv.version): mv for mv in client.search_model_versions("name = 'sdxl-prod'")}
+        assert {k: mv.tags["copied_from"] for k, mv in copies.items()} == {
+            "1": f"models:/{NAME}/{v['v1']}",
+            "2": f"models:/{NAME}/{v['v2']}",
+            "3": f"models:/{NAME}/{v['v3']}",
+        }
+        assert copies["1"].tags["sha256.base/unet"] == client.get_model_version(NAME, v["v1"]).tags["sha256.base/unet"]
+        assert not [k for mv in copies.values() for k in mv.tags if k.startswith(registry.LIFECYCLE_PREFIXES)]
+
+        build.main(["promote", "sdxl-prod", "--version", "1", "--to", "production", "--use-stages"])
+        assert "promoted: models:/sdxl-prod@production -> version 1 (was unset); stage Production" in (
+            capsys.readouterr().out
+        )
+        with pytest.raises(SystemExit) as refused:
+            build.main(["promote", "sdxl-prod", "--version", "3", "--to", "production", "--dry-run"])
+        assert "promote failed: validation gate for models:/sdxl-prod/3" in str(refused.value.code)
+        assert "output column 'generated_image' removed" in str(refused.value.code)
+        assert "validation.production" not in client.get_model_version("sdxl-prod", "3").tags  # dry run
+        build.main(["promote", "sdxl-prod", "--version", "2", "--to", "production", "--use-stages"])
+        assert [str(client.get_model_version("sdxl-prod", n).current_stage) for n in "123"] == [
+            "Archived",
+            "Production",
+            "None",
+        ]
+        build.main(["promote", "sdxl-prod", "--to", "production", "--rollback", "--use-stages"])
+        assert "rolled back: models:/sdxl-prod@production -> version 1 (was version 2)" in capsys.readouterr().out
+        assert holder("sdxl-prod", "production") == "1"
+        assert [client.get_model_version("sdxl-prod", n).current_stage for n in "12"] == ["Production", "Archived"]
+
+        build.main(["copy", "sdxl-prod", "--alias", "production", "--to", "sdxl-live"])
+        assert "copied models:/sdxl-prod@production to models:/sdxl-live/1 (models:/sdxl-prod/1)" in (
+            capsys.readouterr().out
+        )
+        assert holder("sdxl-live", "production") is None  # a copy holds no alias until promoted there
+
+
+def test_the_gate_runs_the_code_the_candidate_carries(sqlite_registry, staged, tmp_path):
+    """A candidate whose packaged ``model_pkg`` renames an output column is refused, although this
+    process's ``model_pkg`` (which would shadow it in a plain in-process load) is fine."""
+    code = tmp_path / "model_pkg"
+    shutil.copytree(Path(contract.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    with (code / "contract.py").open("a") as f:
+        f.write(
+            "\n\n_output_frame = output_frame\n\n\ndef output_frame(results, with_errors):\n"
+            "    return _output_frame(results, with_errors).rename(columns={'seed': 'seed_used'})\n"
+        )
+    uri, _ = sqlite_registry
+    with store(uri):
+        candidate = registry.register(staged["v1"], "sdxl-code", code_paths=[str(code)])
+        with pytest.raises(PromotionRefused) as refused:
+            promote("sdxl-code", candidate.version, "staging")
+        assert holder("sdxl-code", "staging") is None
+    assert "undeclared output column 'seed_used'; declared output column 'seed' missing" in str(refused.value.report)
+    assert sys.modules["model_pkg.contract"] is contract  # this process's modules are back
