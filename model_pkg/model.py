@@ -14,6 +14,7 @@ from model_pkg.generation import warm_up
 from model_pkg.pipelines import load_pipelines
 from model_pkg.request import parse_request
 from model_pkg.scoring import score
+from model_pkg.spark_nulls import preserve_struct_nulls
 
 
 class SDXLModel(mlflow.pyfunc.PythonModel):
@@ -27,6 +28,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         # One generation at a time per process: in float16, diffusers upcasts the *shared* VAE
         # inside each call; requests still parse and validate in parallel. Scale with workers.
         self._lock = threading.Lock()
+        preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (SPEC §4)."""

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from model_pkg.catalog import stage_styles
+from model_pkg.config import load_model_config
 from model_pkg.contract import signature
 from model_pkg.lora import LoraError, stage_loras
 from model_pkg.pipelines import MANIFEST
@@ -200,7 +201,9 @@ def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None) -> dict[s
         signature=signature(),
         input_example=input_example(),
         pip_requirements=requirements(),
-        model_config=model_config or {},
+        # every key, defaults included: MLflow lets load_model/spark_udf(model_config=...) override
+        # only keys already stored, and ignores all overrides when none is stored
+        model_config=load_model_config(model_config, environ={}).model_dump(mode="json"),
         metadata=model_card(staged),
     )
 
