@@ -11,7 +11,8 @@ import pandas as pd
 from model_pkg.config import load_model_config
 from model_pkg.contract import output_frame
 from model_pkg.pipelines import load_pipelines
-from model_pkg.request import parse_request
+from model_pkg.prompts import truncation_warnings
+from model_pkg.request import RowSpec, parse_request
 from model_pkg.scoring import score
 
 
@@ -28,6 +29,8 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (SPEC §4)."""
         request = parse_request(model_input, params, self.config)
+        base = self.pipelines.base
+        truncation_warnings([r for r in request.rows if isinstance(r, RowSpec)], [base.tokenizer, base.tokenizer_2])
         keep_going = request.params.on_error == "null"
         with self._lock:
             results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)
