@@ -13,6 +13,7 @@ from helpers import FAST, decode, frame, pixels, png_b64
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
+import build
 from model_pkg.packaging import BuildError, save_artifact, stage_components
 from model_pkg.tiny import tiny_safety_checker, write_tiny_safety_checker
 
@@ -26,7 +27,7 @@ SIZES = [(64, 64), (64, 64), (64, 96), (96, 64)]
 PROCESSOR = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})  # as tiny.py
 
 
-def build(tiny, tmp_path_factory, flag: str) -> mlflow.pyfunc.PyFuncModel:
+def build_loaded(tiny, tmp_path_factory, flag: str) -> mlflow.pyfunc.PyFuncModel:
     work = tmp_path_factory.mktemp(f"checker-{flag}")
     checker = write_tiny_safety_checker(work / "checker", flag)
     staged = stage_components(tiny.base, tiny.refiner, work / "sdxl", safety_checker=checker)
@@ -35,12 +36,12 @@ def build(tiny, tmp_path_factory, flag: str) -> mlflow.pyfunc.PyFuncModel:
 
 @pytest.fixture(scope="module")
 def flagging(tiny, tmp_path_factory):
-    return build(tiny, tmp_path_factory, "always")
+    return build_loaded(tiny, tmp_path_factory, "always")
 
 
 @pytest.fixture(scope="module")
 def clean(tiny, tmp_path_factory):
-    return build(tiny, tmp_path_factory, "never")
+    return build_loaded(tiny, tmp_path_factory, "never")
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,17 @@ def test_staging_packages_the_checker_with_its_processor_and_hash(tiny, tmp_path
     assert "safety_checker" in staged.manifest["hashes"]
     names = sorted(p.name for p in (staged.folder / "safety_checker").iterdir())
     assert names == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def test_cli_packages_a_checker_and_refuses_a_pickled_one(tmp_path, capsys):
+    build.main(["build", "--tiny", "--tiny-safety-checker", "always", "--output", str(tmp_path / "m")])
+    card = mlflow.models.Model.load(str(tmp_path / "m")).metadata
+    assert card["safety_checker"].startswith("packaged:")
+    assert (tmp_path / "m" / "artifacts" / "sdxl" / "safety_checker" / "model.safetensors").is_file()
+
+    folder = write_tiny_safety_checker(tmp_path / "pickled", "never")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"build failed: .*pickled has only pickled weights"):
+        build.main(["build", "--tiny", "--safety-checker", str(folder), "--output", str(tmp_path / "m2")])
+    assert not (tmp_path / "m2").exists()
