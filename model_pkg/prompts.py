@@ -26,7 +26,7 @@ def truncation_warnings(rows: Iterable[RowSpec], tokenizers: Sequence[object]) -
                 continue
             for tokenizer in tokenizers:
                 limit = tokenizer.model_max_length
-                count = len(tokenizer(text, truncation=False).input_ids)
+                count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
                 if count > limit:
                     messages.append(
                         f"Row {row.index}: '{field}' has {count} CLIP tokens; only the first {limit} are used "
