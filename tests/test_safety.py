@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from helpers import FAST, decode, frame, pixels, png_b64
+from helpers import decode, frame, pixels, png_b64
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
@@ -23,6 +23,7 @@ ROWS = frame(
     {"prompt": "a red hat", "seed": 3, "height": 96},  # another size: another pipeline call
     {"prompt": "a green cat", "image": png_b64(size=(96, 64)), "seed": 4},  # img2img
 )
+FAST = {"num_inference_steps": 4, "height": 64, "width": 64, "refiner": "none"}  # safety does not need the refiner
 SIZES = [(64, 64), (64, 64), (64, 96), (96, 64)]
 PROCESSOR = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})  # as tiny.py
 
