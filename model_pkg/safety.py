@@ -48,7 +48,8 @@ class SafetyChecker:
             use_safetensors=True,
             local_files_only=True,  # never unpickle, never download
         )
-        return cls(model.to(device).eval(), CLIPImageProcessor.from_pretrained(folder), device, dtype)
+        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+        return cls(model.to(device).eval(), processor, device, dtype)
 
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags as NSFW."""
