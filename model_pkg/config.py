@@ -12,7 +12,7 @@ import os
 from typing import Any, Literal
 
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ModelConfig(BaseModel):
@@ -34,7 +34,22 @@ class ModelConfig(BaseModel):
     max_prompt_chars: int = Field(4_000, ge=1, description="longest prompt / negative_prompt, in characters")
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
-    image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "WEBP"), description="accepted input image formats")
+    image_formats: tuple[str, ...] = Field(
+        ("PNG", "JPEG", "WEBP"), min_length=1, description="accepted input image formats (Pillow format names)"
+    )
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        """Upper-case Pillow names; an unknown name would make every image fail to open."""
+        from PIL import Image
+
+        Image.init()
+        formats = tuple(f.upper() for f in formats)
+        unknown = [f for f in formats if f not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}; Pillow opens {sorted(Image.OPEN)}")
+        return formats
 
     # Speed and memory (see performance.py); the defaults are plain diffusers.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")

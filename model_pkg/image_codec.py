@@ -32,25 +32,29 @@ def decode_image(
         raise ImageError("URLs are not fetched; send the image inline as base64 or a data:image/...;base64, URI")
     text = _DATA_URI.sub("", text, count=1)
     if len(text) > (max_bytes * 4) // 3 + 4:
-        raise ImageError(f"image is larger than the {max_bytes}-byte limit")
+        raise ImageError(f"image is larger than the {max_bytes}-byte limit (max_image_bytes)")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"not valid base64 ({e})") from None
     try:
-        image = Image.open(io.BytesIO(raw), formats=list(formats))
+        image = Image.open(io.BytesIO(raw), formats=list(formats))  # reads the header only
     except UnidentifiedImageError:
         raise ImageError(f"not an image in an accepted format ({', '.join(formats)})") from None
-    except Image.DecompressionBombError as e:  # PIL's own, stricter check on the header
-        raise ImageError(str(e)) from None
+    except Image.DecompressionBombError:  # PIL's own check on the header (over ~179 M pixels)
+        raise ImageError(f"image header claims over {max_pixels} pixels (max_image_pixels); refused") from None
+    except Exception as e:  # Pillow's header parsers raise many types on hostile bytes
+        raise ImageError(f"image header is corrupt ({type(e).__name__}: {e})") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(f"image is {width}×{height} = {width * height} pixels, over the {max_pixels}-pixel limit")
+        raise ImageError(
+            f"image is {width}×{height} = {width * height} pixels, over the {max_pixels}-pixel limit (max_image_pixels)"
+        )
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"image data is corrupt ({e})") from None
-    return image.convert("RGB")
+        return image.convert("RGB")
+    except Exception as e:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageError(f"image data is corrupt ({type(e).__name__}: {e})") from None
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> str:

@@ -12,9 +12,10 @@ from model_pkg.config import load_model_config
 from model_pkg.contract import output_frame
 from model_pkg.generation import warm_up
 from model_pkg.pipelines import load_pipelines
-from model_pkg.request import parse_request
+from model_pkg.request import RowSpec, parse_request
 from model_pkg.scoring import score
 from model_pkg.spark_nulls import preserve_struct_nulls
+from model_pkg.truncation import truncation_warnings
 
 
 class SDXLModel(mlflow.pyfunc.PythonModel):
@@ -33,6 +34,8 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (SPEC §4)."""
         request = parse_request(model_input, params, self.config, self.pipelines.catalog)
+        base = self.pipelines.base
+        truncation_warnings([r for r in request.rows if isinstance(r, RowSpec)], [base.tokenizer, base.tokenizer_2])
         keep_going = request.params.on_error == "null"
         with self._lock:
             results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)

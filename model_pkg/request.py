@@ -201,7 +201,13 @@ def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
     if required and not value.strip():
         raise ValueError(f"'{field}' is empty")
     if len(value) > limits.max_prompt_chars:
-        raise ValueError(f"'{field}' has {len(value)} characters, over the {limits.max_prompt_chars} limit")
+        raise ValueError(
+            f"'{field}' has {len(value)} characters, over the {limits.max_prompt_chars} limit (max_prompt_chars)"
+        )
+    try:
+        value.encode("utf-8")  # a lone surrogate (valid in JSON) would crash the tokenizer later
+    except UnicodeEncodeError as e:
+        raise ValueError(f"'{field}' is not valid Unicode text ({e.reason} at position {e.start})") from None
     return value
 
 
@@ -250,6 +256,10 @@ def parse_request(
 ) -> Request:
     """Validate a whole request. With ``on_error="raise"`` the first bad row raises with its row number;
     with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
+    if params is not None and not isinstance(params, dict):
+        raise MlflowException.invalid_parameter_value(
+            f"Params must be a mapping of names to values, got {type(params).__name__}"
+        )
     request = parse_params(params)
     try:
         check_limits(request, limits)
@@ -269,11 +279,16 @@ def parse_request(
 
 def to_frame(model_input: Any, limits: ModelConfig) -> pd.DataFrame:
     """The input as a DataFrame with a ``prompt`` column and at most ``max_rows`` rows."""
-    if isinstance(model_input, dict):
-        model_input = pd.DataFrame(model_input)
-    elif isinstance(model_input, list):
-        records = model_input and isinstance(model_input[0], dict)
-        model_input = pd.DataFrame(model_input if records else {"prompt": model_input})
+    try:
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        elif isinstance(model_input, list):
+            records = model_input and isinstance(model_input[0], dict)
+            model_input = pd.DataFrame(model_input if records else {"prompt": model_input})
+    except (ValueError, TypeError) as e:  # ragged columns, scalars without an index, mixed records
+        raise MlflowException.invalid_parameter_value(
+            f"Cannot read the input as a table of rows ({e}); send a DataFrame with a 'prompt' column"
+        ) from None
     if not isinstance(model_input, pd.DataFrame):
         raise MlflowException.invalid_parameter_value(
             f"Expected a DataFrame with a 'prompt' column, got {type(model_input).__name__}"

@@ -7,12 +7,26 @@ checker with that interface) and calls it on the generated images here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+class _NoBlackImageNotice(logging.Filter):
+    """diffusers' checker logs "A black image will be returned instead", which is wrong with
+    ``safety_filter=false``; :func:`filter_images` logs what actually happens instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Potential NSFW content was detected" not in record.getMessage()
+
+
+_NOTICE_FILTER = _NoBlackImageNotice()
 
 
 @dataclass(frozen=True)
@@ -27,8 +41,15 @@ class SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        model = StableDiffusionSafetyChecker.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-        return cls(model.to(device).eval(), CLIPImageProcessor.from_pretrained(folder), device, dtype)
+        logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker").addFilter(_NOTICE_FILTER)
+        model = StableDiffusionSafetyChecker.from_pretrained(
+            folder,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,  # never unpickle, never download
+        )
+        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+        return cls(model.to(device).eval(), processor, device, dtype)
 
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags as NSFW."""
@@ -49,6 +70,9 @@ def filter_images(
     if checker is None:
         return images, [None] * len(images)
     flags = checker.flags(images)
+    if any(flags):
+        action = "replaced by black images" if replace else "returned unchanged (safety_filter=false)"
+        logger.warning("safety checker flagged %d of %d images: %s", sum(flags), len(flags), action)
     if replace:
         images = [Image.new("RGB", im.size) if flag else im for im, flag in zip(images, flags, strict=True)]
     return images, list(flags)

@@ -230,11 +230,7 @@ def save_sdxl_pipelines(
 
     checker_dir = None
     if safety_checker is not None:
-        checker_dir = out / "safety_checker"
-        tiny_safety_checker(safety_checker).save_pretrained(checker_dir, safe_serialization=True)
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-            checker_dir
-        )
+        checker_dir = write_tiny_safety_checker(out / "safety_checker", safety_checker)
     return TinySDXL(base=out / "base", refiner=out / "refiner", safety_checker=checker_dir)
 
 
@@ -268,3 +264,12 @@ def write_tiny_lora(out_dir: str | Path, base_dir: str | Path, seed: int = 1, ra
         safe_serialization=True,
     )
     return out
+
+
+def write_tiny_safety_checker(folder: str | Path, flag: str = "never", seed: int = 0) -> Path:
+    """Write a tiny checker (:func:`tiny_safety_checker`) + its CLIP image processor: a ``--safety-checker`` folder."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tiny_safety_checker(flag).save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

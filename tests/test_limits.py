@@ -1,0 +1,64 @@
+"""Limits set in model config change what the parser accepts, with messages naming the config key."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from helpers import FAST, frame
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from model_pkg.config import ModelConfig, load_model_config
+from model_pkg.request import RowError, parse_request
+
+
+def noisy(fmt: str = "PNG", size=(64, 64)) -> str:
+    """An incompressible image: its file is larger than its size suggests."""
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def parse(limits: ModelConfig, *rows: dict, **params):
+    return parse_request(frame(*rows), FAST | params, limits).rows
+
+
+def test_max_image_bytes_is_checked_before_decoding():
+    image = noisy()  # ~12 KB PNG
+    assert parse(ModelConfig(), {"prompt": "a", "image": image})[0].image.size == (64, 64)
+    with pytest.raises(
+        RowError, match=r"^Row 0: 'image': image is larger than the 4096-byte limit \(max_image_bytes\)"
+    ):
+        parse(ModelConfig(max_image_bytes=4096), {"prompt": "a", "image": image})
+
+
+def test_max_image_pixels_and_max_prompt_chars_follow_the_config():
+    limits = ModelConfig(max_image_pixels=64 * 64, max_prompt_chars=10)
+    with pytest.raises(RowError, match=r"image is 96×64 = 6144 pixels, over the 4096-pixel limit"):
+        parse(limits, {"prompt": "a", "image": noisy(size=(96, 64))})
+    with pytest.raises(RowError, match=r"^Row 0: 'negative_prompt' has 11 characters, over the 10 limit"):
+        parse(limits, {"prompt": "a", "negative_prompt": "x" * 11})
+
+
+def test_image_formats_are_configurable_and_checked_at_load():
+    limits = load_model_config({"image_formats": ["png"]}, environ={})
+    assert limits.image_formats == ("PNG",)
+    assert parse(limits, {"prompt": "a", "image": noisy("PNG")})[0].image is not None
+    with pytest.raises(RowError, match=r"^Row 0: 'image': not an image in an accepted format \(PNG\)$"):
+        parse(limits, {"prompt": "a", "image": noisy("JPEG")})
+    with pytest.raises(
+        MlflowException, match=r"Invalid model_config 'image_formats': .*unknown image format\(s\) \['HEIC2'\]"
+    ):
+        load_model_config({"image_formats": ["png", "heic2"]}, environ={})
+
+
+def test_max_steps_and_max_pixels_follow_the_config():
+    limits = ModelConfig(max_steps=8, max_pixels=64 * 64)
+    with pytest.raises(MlflowException, match=r"^Invalid param 'num_inference_steps' 10 is over the limit of 8"):
+        parse(limits, {"prompt": "a"})
+    with pytest.raises(RowError, match=r"^Row 0: 'height'/'width' 64×72 is over the 4096-pixel limit \(max_pixels\)"):
+        parse(limits, {"prompt": "a", "height": 72}, num_inference_steps=8)
