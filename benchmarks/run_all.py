@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +52,21 @@ def write_chart(results: list[Ratio], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown(results: list[Ratio], env: str, path: Path) -> None:
+# The serving (REST / in-process, latency at 1/4/8 clients) and batch (files, spark_udf vs a loop)
+# benchmarks start servers and Spark of their own; their printed tables go into RESULTS.md as is.
+SCRIPTS = {
+    "Serving: REST round trip / in-process predict, latency and throughput": ["bench_serving.py"],
+    "Batch: file job and spark_udf vs a loop of single-row predicts": ["bench_batch.py", "--torch-threads", "1"],
+}
+
+
+def run_script(args: list[str]) -> str:
+    done = subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    return "\n".join(lines) if done.returncode == 0 else f"failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
+
+
+def write_markdown(results: list[Ratio], env: str, path: Path, extra: dict[str, str]) -> None:
     rows = "\n".join(
         f"| {r.name} | {r.ours:.1f} {r.unit} | {r.reference:.1f} {r.unit} | **{r.ratio:.3f}** | {r.goal} |"
         for r in results
@@ -74,19 +89,25 @@ show the saving; it shows that sharing costs nothing.
 
 ![ratios](ratios.png)
 """
+        + "".join(f"\n## {title}\n\n```\n{text}\n```\n" for title, text in extra.items())
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--core-only", action="store_true", help="skip the serving and batch scripts")
     args = parser.parse_args()
     results = run_core(repeats=args.repeats)
     env = environment()
     print(env)
     for r in results:
         print(r.line())
-    write_markdown(results, env, HERE / "RESULTS.md")
+    extra = {}
+    for title, script in {} if args.core_only else SCRIPTS.items():
+        extra[title] = run_script(script)
+        print(f"\n{title}\n{extra[title]}")
+    write_markdown(results, env, HERE / "RESULTS.md", extra)
     write_chart(results, HERE / "ratios.png")
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'ratios.png'}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from model_pkg.schedulers import TIMESTEP_SPACINGS, canonical_scheduler, scheduler_names
 
@@ -113,6 +113,14 @@ class GenerationParams(BaseModel):
         if canonical is None:
             raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(scheduler_names())}")
         return canonical
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """pydantic's lax mode would read ``true`` as 1 for a number field (``seed: true`` → seed 1)."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
     @field_validator("output_format", mode="before")
     @classmethod

@@ -104,6 +104,8 @@ def test_bad_params_name_the_param(params, message):
         ({"prompt": ["a", "b"]}, {}, "Row 1: 'prompt' must be a string, got list (pass a pandas DataFrame"),
         ({"prompt": "a", "seed": "x"}, {}, "Row 1: 'seed': Input should be a valid integer"),
         ({"prompt": "a", "seed": 1.5}, {}, "Row 1: 'seed': Input should be a valid integer, got a number with"),
+        ({"prompt": "a", "seed": True}, {}, "Row 1: 'seed': must be a number, not a boolean (got True)"),
+        ({"prompt": "a", "guidance_scale": False}, {}, "Row 1: 'guidance_scale': must be a number, not a boolean"),
         ({"prompt": "a", "height": 1020}, {}, "Row 1: 'height'/'width' 1024×1020: width and height must be multiples"),
         ({"prompt": "a", "height": 4096, "width": 4096}, {}, "Row 1: 'height'/'width' 4096×4096 is over the"),
         ({"prompt": "a", "num_inference_steps": 151}, {}, "Row 1: 'num_inference_steps' 151 is over the limit of 150"),
