@@ -67,16 +67,21 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
         # and the same seed gives the same initial noise on CPU and GPU
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows],
     )
-    base = call_view(pipes.base, s.scheduler, s.timestep_spacing)
-    refiner = call_view(pipes.refiner, s.scheduler, s.timestep_spacing)
+    # per-call views of the pipelines this mode runs (img2img rows use only the refiner, none only the base)
+    base = call_view(pipes.base, s.scheduler, s.timestep_spacing) if s.mode != "img2img" else None
+    refiner = call_view(pipes.refiner, s.scheduler, s.timestep_spacing) if s.mode != "none" else None
+    views = [view for view in (base, refiner) if view is not None]
     if s.watermark and pipes.catalog is not None:
-        base.watermark = refiner.watermark = pipes.catalog.watermarker  # per-call views: as SDXL 1.0 does
+        for view in views:
+            view.watermark = pipes.catalog.watermarker  # as SDXL 1.0 does
     base_common = refiner_common = common
     if s.prompt_chunks:  # weighted / long prompts: embeddings instead of text (see prompts.py)
         generator = dict(generator=common["generator"])
         texts = (common["prompt"], common["negative_prompt"], s.prompt_chunks)
-        base_common = generator | prompts.embeddings(base, *texts)
-        refiner_common = generator | prompts.embeddings(refiner, *texts)
+        if base is not None:
+            base_common = generator | prompts.embeddings(base, *texts)
+        if refiner is not None:
+            refiner_common = generator | prompts.embeddings(refiner, *texts)
     base_args = dict(
         base_common,
         height=s.height,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor
 
 from model_pkg.config import ModelConfig
 
@@ -24,9 +24,9 @@ def apply_options(base: DiffusionPipeline, refiner: DiffusionPipeline, config: M
     """Configure the loaded pipelines in place (before the first call)."""
     unets = [base.unet, refiner.unet]
     vaes = _unique([base.vae, refiner.vae])
-    processor = AttnProcessor2_0 if config.attention == "sdpa" else AttnProcessor
-    for module in (*unets, *vaes):
-        module.set_attn_processor(processor())
+    if config.attention == "classic":  # SDPA (AttnProcessor2_0) is already diffusers' default on torch 2
+        for module in (*unets, *vaes):
+            module.set_attn_processor(AttnProcessor())
     if config.channels_last:
         for module in (*unets, *vaes):
             module.to(memory_format=torch.channels_last)
