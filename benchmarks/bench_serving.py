@@ -58,6 +58,8 @@ def load(server: ScoringServer, body: dict, clients: int, requests: int) -> tupl
     def one(_: int) -> tuple[float, int]:
         start = time.perf_counter()
         response = server.invoke(body, timeout=300)
+        if response.status_code != 200:
+            print(f"request failed: HTTP {response.status_code}: {response.text[:800]}", flush=True)
         return time.perf_counter() - start, response.status_code
 
     start = time.perf_counter()

@@ -26,18 +26,20 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         self.pipelines = load_pipelines(context.artifacts["sdxl"], self.config)
         if self.config.compile != "none" and self.config.warmup_size:
             warm_up(self.pipelines, self.config)
-        # One generation at a time per process: in float16, diffusers upcasts the *shared* VAE
-        # inside each call; requests still parse and validate in parallel. Scale with workers.
+        # One request at a time per process: in float16 diffusers upcasts the *shared* VAE inside
+        # each call, and the fast CLIP tokenizers (used while parsing and generating) are not
+        # thread-safe (transformers#47085, "Already borrowed"). Scale with server workers.
         self._lock = threading.Lock()
         preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (SPEC §4)."""
-        request = parse_request(model_input, params, self.config, self.pipelines.catalog)
-        base = self.pipelines.base
-        truncation_warnings([r for r in request.rows if isinstance(r, RowSpec)], [base.tokenizer, base.tokenizer_2])
-        keep_going = request.params.on_error == "null"
         with self._lock:
+            request = parse_request(model_input, params, self.config, self.pipelines.catalog)
+            base = self.pipelines.base
+            rows = [r for r in request.rows if isinstance(r, RowSpec)]
+            truncation_warnings(rows, [base.tokenizer, base.tokenizer_2])
+            keep_going = request.params.on_error == "null"
             results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)
         return output_frame(results, with_errors=keep_going)
 
