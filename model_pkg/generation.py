@@ -12,7 +12,7 @@ Modes (``Settings.mode``), following the diffusers SDXL docs:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -125,14 +125,6 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
             **refine,
         ).images
     raise ValueError(f"unknown mode {s.mode!r}")
-
-
-def generate(
-    pipes: Pipelines, rows: list[RowSpec], max_batch_size: int, on_step: StepCallback | None = None
-) -> Iterator[tuple[list[RowSpec], list[Image.Image]]]:
-    """Yield each batch of rows with its images, batching rows that share a configuration."""
-    for batch in plan_batches(rows, max_batch_size):
-        yield batch, generate_batch(pipes, batch, on_step)
 
 
 def warm_up(pipes: Pipelines, config: ModelConfig) -> None:

@@ -17,7 +17,7 @@ from helpers import FAST, decode, frame, pixels, png_b64
 from model_pkg.azure import azure_request_to_frame, loads_lenient, to_azure_response
 from model_pkg.config import ModelConfig
 from model_pkg.contract import OUTPUT_COLUMNS
-from model_pkg.generation import generate, plan_batches
+from model_pkg.generation import generate_batch, plan_batches
 from model_pkg.packaging import log_artifact, stage_components
 from model_pkg.request import parse_request
 
@@ -130,7 +130,9 @@ def count_steps(model, rows: pd.DataFrame, params: dict) -> tuple[Counter, int]:
     python_model = model.unwrap_python_model()
     specs = parse_request(rows, params, python_model.config).rows
     steps: Counter = Counter()
-    batches = list(generate(python_model.pipelines, specs, 8, on_step=lambda stage, i: steps.update([stage])))
+    batches = plan_batches(specs, 8)
+    for batch in batches:
+        generate_batch(python_model.pipelines, batch, on_step=lambda stage, i: steps.update([stage]))
     return steps, len(batches)
 
 
