@@ -23,7 +23,6 @@ else request ``seed`` + row number), so a resumed row gets the seed it would hav
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 import pandas as pd
 
+from model_pkg.image_codec import output_bytes
 from model_pkg.params import parse_params
 
 MANIFEST = "manifest.jsonl"
@@ -251,7 +251,7 @@ def run(
                 file = None
                 if isinstance(out["generated_image"], str):
                     file = f"{IMAGES}/{row:06d}.{fmt}"
-                    _write_atomic(output / file, base64.b64decode(out["generated_image"]))
+                    _write_atomic(output / file, output_bytes(out["generated_image"]))
                 entries.append(_entry(row, out, file))
             _fsync_dir(manifest.images)  # the renames are durable before their lines exist
             manifest.append(entries)

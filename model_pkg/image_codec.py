@@ -57,11 +57,12 @@ def decode_image(
         raise ImageError(f"image data is corrupt ({type(e).__name__}: {e})") from None
 
 
-def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> str:
-    """Base64 text of ``image`` in ``fmt`` (png, jpeg, webp). PNG is lossless and deterministic."""
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95, pnginfo: object = None) -> str:
+    """Base64 text of ``image`` in ``fmt`` (png, jpeg, webp). PNG is lossless and deterministic;
+    ``pnginfo`` (a ``PngImagePlugin.PngInfo``) adds its text chunks."""
     buffer = io.BytesIO()
     if fmt == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", pnginfo=pnginfo)
     else:
         image.save(buffer, format=fmt.upper(), quality=quality)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -72,6 +73,11 @@ def to_data_uri(b64: str, fmt: str = "png") -> str:
     return f"data:{MIME[fmt]};base64,{b64}"
 
 
+def output_bytes(value: str) -> bytes:
+    """The image file in a ``generated_image`` value of ours (base64 or a ``data:`` URI)."""
+    return base64.b64decode(_DATA_URI.sub("", value, count=1))
+
+
 def b64_to_image(b64: str) -> Image.Image:
     """Decode our own output (trusted), e.g. in samples and tests."""
-    return Image.open(io.BytesIO(base64.b64decode(_DATA_URI.sub("", b64, count=1))))
+    return Image.open(io.BytesIO(output_bytes(b64)))

@@ -36,9 +36,10 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         """One output row per input row (SPEC §4)."""
         with self._lock:
             request = parse_request(model_input, params, self.config, self.pipelines.catalog)
-            base = self.pipelines.base
-            rows = [r for r in request.rows if isinstance(r, RowSpec)]
-            truncation_warnings(rows, [base.tokenizer, base.tokenizer_2])
+            if request.params.prompt_weighting == "off":  # "auto" encodes long prompts whole
+                base = self.pipelines.base
+                rows = [r for r in request.rows if isinstance(r, RowSpec)]
+                truncation_warnings(rows, [base.tokenizer, base.tokenizer_2])
             keep_going = request.params.on_error == "null"
             results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)
         return output_frame(results, with_errors=keep_going)

@@ -15,7 +15,6 @@ JPEG and WebP carry no metadata.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -24,7 +23,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from model_pkg import lora
-from model_pkg.image_codec import MIME
+from model_pkg.image_codec import encode_image, output_bytes, to_data_uri
 
 METADATA_KEY = "sdxl_pyfunc"
 
@@ -106,25 +105,20 @@ def metadata(row: Any, catalog: Any) -> dict[str, Any]:
 def encode_output(image: Image.Image, row: Any, catalog: Any) -> str:
     """The ``generated_image`` value of ``row``: base64 (or a ``data:`` URI) of the encoded image."""
     s = row.settings
-    buffer = io.BytesIO()
-    if s.output_format == "png":
-        info = None
-        if s.png_metadata:
-            meta = metadata(row, catalog)
-            info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", _summary(row, meta["model"]))
-            info.add_text(METADATA_KEY, json.dumps(meta, sort_keys=True, ensure_ascii=False))
-        image.save(buffer, format="PNG", pnginfo=info)
-    else:
-        image.save(buffer, format=s.output_format.upper(), quality=s.output_quality)
-    text = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f"data:{MIME[s.output_format]};base64,{text}" if s.output_encoding == "data_uri" else text
+    info = None
+    if s.output_format == "png" and s.png_metadata:
+        meta = metadata(row, catalog)
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", _summary(row, meta["model"]))
+        info.add_text(METADATA_KEY, json.dumps(meta, sort_keys=True, ensure_ascii=False))
+    text = encode_image(image, s.output_format, s.output_quality, pnginfo=info)
+    return to_data_uri(text, s.output_format) if s.output_encoding == "data_uri" else text
 
 
 def read_metadata(image: str | bytes) -> dict[str, Any] | None:
     """The ``sdxl_pyfunc`` metadata of an output image (base64, ``data:`` URI or raw bytes), or None."""
     if isinstance(image, str):
-        image = base64.b64decode(image.split(",", 1)[1] if image.startswith("data:") else image)
+        image = output_bytes(image)
     with Image.open(io.BytesIO(image)) as opened:
         text = getattr(opened, "text", {}).get(METADATA_KEY)
     return json.loads(text) if text else None

@@ -22,8 +22,6 @@ def truncation_warnings(rows: Iterable[RowSpec], tokenizers: Sequence[object]) -
     tokenizers = [t for t in tokenizers if t is not None]
     messages = []
     for row in rows:
-        if row.settings.prompt_chunks:  # chunked embeddings: nothing is cut
-            continue
         for field in ("prompt", "negative_prompt"):
             text = getattr(row, f"effective_{field}")  # after the style preset is applied
             if not text:

@@ -85,7 +85,7 @@ def write_images(table: DataFrame, folder: str, fmt: str = "png") -> None:
         for r in rows:
             path = os.path.join(target, f"{r['row']:06d}.{fmt}")
             with open(path + ".tmp", "wb") as f:
-                f.write(base64.b64decode(r["image"]))
+                f.write(base64.b64decode(r["image"].split(",", 1)[-1]))  # base64 or a data: URI
             os.replace(path + ".tmp", path)
 
     table.where(F.col("image").isNotNull()).select("row", "image").foreachPartition(write_partition)

@@ -18,7 +18,6 @@ with the server's message and the script exits with status 1.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_pkg.azure import to_azure_response, to_mlflow_request
+from model_pkg.image_codec import output_bytes
 
 EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"RIFF": "webp"}
 
@@ -51,7 +51,7 @@ def save_images(rows: list[dict], folder: Path) -> list[Path]:
     for i, row in enumerate(rows):
         if row.get("generated_image") is None:
             continue
-        raw = base64.b64decode(row["generated_image"])
+        raw = output_bytes(row["generated_image"])
         ext = next((e for magic, e in EXTENSIONS.items() if raw.startswith(magic)), "bin")
         path = folder / f"{i}_{row.get('seed')}.{ext}"
         path.write_bytes(raw)
