@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from mlflow.exceptions import MlflowException
 
-from model_pkg.packaging import (
+from sdxl_tools.artifact import (
     TEMPLATE,
     VARIANTS,
     BuildError,
@@ -48,7 +48,7 @@ def _config(pairs: list[str]) -> dict:
 
 def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, Path]:
     """``--lora NAME=PATH`` pairs, plus ``--tiny-lora NAME`` random adapters for the tiny base."""
-    from model_pkg.lora import LoraError, parse_build_arg
+    from sdxl_tools.artifact import LoraError, parse_build_arg
 
     try:
         loras = dict(parse_build_arg(pair) for pair in args.lora)
@@ -57,7 +57,7 @@ def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, P
     if args.tiny_lora and not args.tiny:
         raise SystemExit("--tiny-lora needs --tiny")
     for i, name in enumerate(args.tiny_lora):
-        from model_pkg.tiny import write_tiny_lora
+        from sdxl_tools.random_weights import write_tiny_lora
 
         loras[name] = write_tiny_lora(tmp / "tiny-loras" / name, base, seed=i + 1)
     return loras
@@ -72,12 +72,12 @@ def _stage(args: argparse.Namespace, tmp: str) -> Staged:
         raise SystemExit("--base and --refiner are both required")
     base, refiner, checker = args.base, args.refiner, args.safety_checker
     if args.tiny:
-        from model_pkg.tiny import write_tiny_sdxl
+        from sdxl_tools.random_weights import write_tiny_sdxl
 
         tiny = write_tiny_sdxl(Path(tmp) / "src", seed=args.seed, safety_checker=args.tiny_safety_checker)
         base, refiner, checker = tiny.base, tiny.refiner, checker or tiny.safety_checker
     elif args.random_fullsize:
-        from model_pkg.fullsize import write_fullsize_sdxl
+        from sdxl_tools.random_weights import write_fullsize_sdxl
 
         generated = write_fullsize_sdxl(Path(tmp) / "src", seed=args.seed)
         base, refiner = generated.base, generated.refiner
@@ -105,7 +105,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from model_pkg import registry
+    from sdxl_tools import registry
 
     with tempfile.TemporaryDirectory(prefix="sdxl-register-") as tmp:
         staged = _stage(args, tmp)
@@ -123,7 +123,7 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from model_pkg import registry
+    from sdxl_tools import registry
 
     if args.rollback == (args.version is not None):
         raise SystemExit("give --version V, or --rollback (which takes no version: the previous holder comes back)")
@@ -138,7 +138,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_copy(args: argparse.Namespace) -> None:
-    from model_pkg import registry
+    from sdxl_tools import registry
 
     if (args.version is None) == (args.alias is None):
         raise SystemExit("give --version V or --alias ALIAS")
@@ -150,7 +150,7 @@ def cmd_copy(args: argparse.Namespace) -> None:
 
 
 def cmd_template(args: argparse.Namespace) -> None:
-    from model_pkg.contract import signature
+    from sdxl_tools.artifact import signature
 
     path = TEMPLATE / "signature.json"
     path.write_text(json.dumps(signature().to_dict(), indent=2) + "\n")

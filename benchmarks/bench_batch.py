@@ -2,7 +2,7 @@
 """Batch throughput, one run, tiny models: the same rows scored three ways, in images/s.
 
 1. a plain loop of single-row ``predict`` calls (the baseline a user would write first);
-2. the file batch job (``model_pkg.batch.run``: chunks of ``--chunk-size`` rows, files + manifest);
+2. the file batch job (``sdxl_tools.batch.run``: chunks of ``--chunk-size`` rows, files + manifest);
 3. ``spark_udf`` on a local Spark session (``--partitions`` tasks), after one warm-up call that
    starts the Python workers (its ~20 s are not counted; each call still loads the model per task).
 
@@ -35,9 +35,9 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from model_pkg import batch  # noqa: E402
-from model_pkg.packaging import save_artifact, stage_components  # noqa: E402
-from model_pkg.tiny import write_tiny_sdxl  # noqa: E402
+from sdxl_tools import batch  # noqa: E402
+from sdxl_tools.artifact import save_artifact, stage_components  # noqa: E402
+from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
 
 
 def rate(rows: int, seconds: float) -> str:
@@ -47,7 +47,7 @@ def rate(rows: int, seconds: float) -> str:
 def spark_rate(model_dir: Path, rows: pd.DataFrame, params: dict, partitions: int, repeats: int) -> float:
     from pyspark.sql import SparkSession
 
-    from model_pkg.spark import input_struct, result_type
+    from sdxl_tools.spark import input_struct, result_type
 
     spark = (
         SparkSession.builder.master(f"local[{partitions}]")

@@ -81,7 +81,7 @@ def raw_call(base, refiner, mode: str, prompts: list[str], seeds: list[int], siz
     base64 PNGs (as ``predict`` does; without the encoding the reference would do less work)."""
     import torch
 
-    from model_pkg.image_codec import encode_image
+    from model_pkg.images import encode_image
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     args = dict(prompt=prompts, height=size, width=size, num_inference_steps=steps, generator=gens)
@@ -125,8 +125,8 @@ def run(repeats: int = 7, size: int = 128, steps: int = 20) -> list[Ratio]:
     import mlflow
     import pandas as pd
 
-    from model_pkg.packaging import save_artifact, stage_components
-    from model_pkg.tiny import write_tiny_sdxl
+    from sdxl_tools.artifact import save_artifact, stage_components
+    from sdxl_tools.random_weights import write_tiny_sdxl
 
     results: list[Ratio] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +175,7 @@ def fullsize_sharing_ratio() -> float:
     """Weight bytes with sharing / without, for the published SDXL 1.0 sizes (exact arithmetic)."""
     import torch
 
-    from model_pkg import fullsize
+    from sdxl_tools import random_weights as fullsize
 
     with torch.device("meta"):
         n = {

@@ -81,7 +81,7 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from model_pkg.packaging import save_artifact, stage_components
+    from sdxl_tools.artifact import save_artifact, stage_components
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -89,11 +89,11 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
-            from model_pkg.tiny import write_tiny_sdxl
+            from sdxl_tools.random_weights import write_tiny_sdxl
 
             src = write_tiny_sdxl(Path(tmp) / "src")
         else:
-            from model_pkg.fullsize import write_fullsize_sdxl
+            from sdxl_tools.random_weights import write_fullsize_sdxl
 
             src = write_fullsize_sdxl(Path(tmp) / "src")
         artifact = save_artifact(stage_components(src.base, src.refiner, Path(tmp) / "sdxl"), Path(tmp) / "m")

@@ -32,8 +32,8 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from scoring_server import ScoringServer  # noqa: E402
 
-from model_pkg.packaging import save_artifact, stage_components  # noqa: E402
-from model_pkg.tiny import write_tiny_sdxl  # noqa: E402
+from sdxl_tools.artifact import save_artifact, stage_components  # noqa: E402
+from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -3,6 +3,12 @@
 Loaded once with the pipelines (:func:`load_catalog`) and used twice per request: while parsing, to
 validate ``style`` / ``lora`` and decide how prompts are encoded (:func:`resolve_row`), and while
 generating and encoding (watermark, PNG metadata).
+
+Style presets are named prompt / negative-prompt templates (the SDXL presets of the DataCrunch and
+Stability services). The table is ``MLmodel_template/styles.json`` (with a ``version``), copied into
+the artifact when it is built, so a deployed model always uses the table it was built and tested
+with. A style is applied to the prompt text before it is encoded; the ``prompt`` column of the output
+stays the user's text.
 """
 
 from __future__ import annotations
@@ -14,7 +20,57 @@ from pathlib import Path
 from typing import Any
 
 from model_pkg import lora, prompts
-from model_pkg.styles import STYLES_FILE, StyleTable, load_styles
+
+STYLES_FILE = "styles.json"
+PLACEHOLDER = "{prompt}"
+
+
+@dataclass(frozen=True)
+class StyleTable:
+    """name → (prompt template with ``{prompt}``, negative prompt)."""
+
+    version: str = "none"
+    styles: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return sorted(self.styles)
+
+    def check(self, name: str) -> None:
+        """Raise ``ValueError`` naming the valid styles when ``name`` is not "" and not in the table."""
+        if name and name not in self.styles:
+            valid = ", ".join(self.names()) or "none (this artifact has no style table)"
+            raise ValueError(f"unknown style {name!r}; valid: {valid}")
+
+    def apply(self, name: str, prompt: str, negative_prompt: str) -> tuple[str, str]:
+        """The (prompt, negative prompt) to encode. The style's negative prompt comes first, the
+        request's after it, so both are kept."""
+        if not name:
+            return prompt, negative_prompt
+        self.check(name)
+        template, style_negative = self.styles[name]
+        styled = template.replace(PLACEHOLDER, prompt)
+        negative = ", ".join(p for p in (style_negative, negative_prompt) if p)
+        return styled, negative
+
+
+def parse_styles(data: dict) -> StyleTable:
+    """Validate the JSON structure of a style table."""
+    if not isinstance(data, dict) or "version" not in data or not isinstance(data.get("styles"), dict):
+        raise ValueError("a style table is a JSON object with 'version' and 'styles'")
+    styles = {}
+    for name, entry in data["styles"].items():
+        template = entry.get("prompt", "")
+        if PLACEHOLDER not in template:
+            raise ValueError(f"style {name!r}: the prompt template must contain {PLACEHOLDER}")
+        styles[name] = (template, entry.get("negative_prompt", ""))
+    return StyleTable(version=str(data["version"]), styles=styles)
+
+
+def load_styles(path: str | Path | None) -> StyleTable:
+    """The table at ``path``; an empty table when the artifact has none (built before styles existed)."""
+    if path is None or not Path(path).is_file():
+        return StyleTable()
+    return parse_styles(json.loads(Path(path).read_text()))
 
 
 @dataclass(frozen=True)
@@ -48,20 +104,21 @@ def make_watermarker() -> Any:
     return StableDiffusionXLWatermarker()
 
 
-def model_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest.get("hashes", {}), sort_keys=True).encode()).hexdigest()
+def model_hash(hashes: dict[str, str]) -> str:
+    """One sha256 over the components' hashes: which weights made an image."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
-def load_catalog(root: Path, manifest: dict[str, Any], base: Any) -> Catalog:
-    """Styles from the artifact, its LoRA adapters loaded into ``base`` (disabled), the watermarker."""
-    styles = load_styles(root / manifest["styles"]) if manifest.get("styles") else StyleTable()
-    loras = lora.load_loras(base, root, manifest.get("loras") or {})
+def load_catalog(
+    root: Path, base: Any, styles: str | None, loras: dict[str, dict[str, str]], hashes: dict[str, str]
+) -> Catalog:
+    """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker."""
     return Catalog(
-        styles=styles,
-        loras=loras,
+        styles=load_styles(root / styles) if styles else StyleTable(),
+        loras=lora.load_loras(base, root, loras),
         tokenizers=tuple(t for t in (base.tokenizer, base.tokenizer_2) if t is not None),
         watermarker=make_watermarker(),
-        model_hash=model_hash(manifest),
+        model_hash=model_hash(hashes),
     )
 
 
@@ -103,9 +160,3 @@ def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog
         prompt_chunks=chunks,
         watermark=params.watermark and catalog.watermarker is not None,
     )
-
-
-def stage_styles(out: Path, source: Path) -> str:
-    """Copy the style table into the artifact folder; its manifest entry."""
-    (out / STYLES_FILE).write_bytes(Path(source).read_bytes())
-    return STYLES_FILE

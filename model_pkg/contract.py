@@ -1,29 +1,161 @@
-"""The artifact's contract as MLflow sees it: signature (inputs, outputs, params) and output frame.
+"""The contract, declared once: generation params, per-row input columns, output columns.
 
-Params come from :class:`~model_pkg.params.GenerationParams`, so defaults live in one place.
-Per-row override columns are typed ``Any`` in the schema: MLflow's enforcement refuses a ``long``
-column with one missing value and a ``double`` column holding ``7``; the model validates them
-instead, naming the row and the column.
+:class:`GenerationParams` is the single declaration of every param's name, type, default and
+range. The MLflow signature (``ParamSchema``, input and output schemas) is derived from this module
+when the artifact is built (``sdxl_tools.artifact.signature``), the parser validates requests with
+it, and the PNG reproduction request is checked against it by the tests. MLflow always fills every
+param in, so "not given" is spelled with a sentinel: ``seed=-1`` draws a random seed,
+``num_inference_steps_refiner=-1`` / ``guidance_scale_refiner=-1`` inherit the base values,
+``aspect_ratio=""`` uses ``height``/``width``.
 """
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from mlflow.types.schema import AnyType
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from model_pkg.params import ROW_FIELDS, GenerationParams
+from model_pkg.schedulers import TIMESTEP_SPACINGS, canonical_scheduler, scheduler_names
+
+MAX_SEED = 2**32 - 1  # the seed range of the SDXL services; exact in float64 (pandas, JSON, Spark)
+
+# Stability AI's SDXL 1.0 resolutions (their SDXL API parameters): aspect ratio → (width, height).
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "4:3": (1152, 896),
+    "3:4": (896, 1152),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "21:9": (1536, 640),
+    "9:21": (640, 1536),
+}
+
+# Params that may also come as per-row columns of the input (Spark UDF params are fixed per UDF).
+ROW_FIELDS = (
+    "negative_prompt",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "strength",
+    "aspect_ratio",
+    "style",
+    "lora",
+    "lora_scale",
+)
+
+
+class GenerationParams(BaseModel):
+    """Per-request generation params; rows may override :data:`ROW_FIELDS`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    refiner: Literal["none", "ensemble", "sequential"] = Field(
+        "ensemble",
+        description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
+        "(denoising_end/denoising_start); sequential: base then refiner img2img",
+    )
+    refiner_ratio: float = Field(0.2, gt=0, lt=1, description="ensemble: fraction of the steps run by the refiner")
+    num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
+    num_inference_steps_refiner: int = Field(
+        -1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps"
+    )
+    guidance_scale: float = Field(5.0, ge=0, le=50, description="classifier-free guidance")
+    guidance_scale_refiner: float = Field(-1.0, ge=-1, le=50, description="refiner guidance; -1 = guidance_scale")
+    strength: float = Field(0.3, gt=0, le=1, description="img2img (image rows, sequential refiner): noise added")
+    negative_prompt: str = Field("", description="what not to draw")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
+    height: int = Field(1024, ge=64, description="pixels, multiple of 8")
+    width: int = Field(1024, ge=64, description="pixels, multiple of 8")
+    aspect_ratio: Literal["", *ASPECT_RATIOS] = Field(  # type: ignore[valid-type]
+        "", description="one of the SDXL resolutions; overrides height/width"
+    )
+    scheduler: str = Field(
+        "default", description="default (packaged) or a sampler name, e.g. DDIM, K_EULER, K_DPMPP_2M"
+    )
+    timestep_spacing: Literal[TIMESTEP_SPACINGS] = Field(  # type: ignore[valid-type]
+        "default", description="default (packaged), linspace, leading or trailing"
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="encoding of generated_image")
+    safety_filter: bool = Field(True, description="black out images the safety checker flags")
+    on_error: Literal["raise", "null"] = Field(
+        "raise",
+        description="raise: the first bad row fails the whole request (HTTP 400); null: a bad row gets a "
+        "null image and its message in an 'error' column while the other rows complete (batch jobs)",
+    )
+    style: str = Field("", description="a preset of the artifact's style table (e.g. photographic, anime); '' none")
+    lora: str = Field(
+        "", description="packaged LoRA adapters: NAME or NAME:WEIGHT, comma-separated (e.g. 'toy:0.8,pixel'); '' none"
+    )
+    lora_scale: float = Field(1.0, ge=-10, le=10, description="weight of the adapters named in 'lora' without one")
+    prompt_weighting: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: '(text:1.3)' weights and prompts past 77 tokens use chunked weighted embeddings, other "
+        "prompts go to diffusers as text; off: always plain text (CLIP truncates at 77 tokens)",
+    )
+    watermark: bool = Field(
+        True, description="SDXL's invisible watermark (images ≥ 256 px) where invisible-watermark is installed"
+    )
+    output_quality: int = Field(95, ge=1, le=100, description="jpeg/webp quality (png is lossless)")
+    output_encoding: Literal["base64", "data_uri"] = Field(
+        "base64", description="generated_image as plain base64 or as a data:image/...;base64, URI"
+    )
+    png_metadata: bool = Field(
+        True, description="embed the generation parameters (a request that reproduces the image) in PNG text chunks"
+    )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        canonical = canonical_scheduler(name)
+        if canonical is None:
+            raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(scheduler_names())}")
+        return canonical
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """pydantic's lax mode would read ``true`` as 1 for a number field (``seed: true`` → seed 1)."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def format_error(error: ValidationError, where: str) -> str:
+    """One line per problem: ``<where> '<field>': <message> (got <value>)``."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown"
+        lines.append(f"{where} '{field}': {message} (got {item['input']!r:.80})")
+    return "; ".join(lines)
+
+
+def parse_params(params: dict | None) -> GenerationParams:
+    """Validate request params; unknown names are refused (MLflow serving drops them earlier)."""
+    try:
+        return GenerationParams.model_validate(params or {})
+    except ValidationError as e:
+        raise MlflowException.invalid_parameter_value(format_error(e, "Invalid param")) from e
+
+
+# -- outputs ------------------------------------------------------------------------------------
 
 OUTPUT_COLUMNS = ("prompt", "generated_image", "nsfw_content_detected", "seed")
 ERROR_COLUMN = "error"  # added with on_error="null"
-_PARAM_TYPES = {str: "string", int: "long", float: "double", bool: "boolean"}
-# The struct type to pass as spark_udf(result_type=...): names and order of the output columns.
-SPARK_RESULT_TYPE = "prompt string, generated_image string, nsfw_content_detected boolean, seed long"
-SPARK_RESULT_TYPE_WITH_ERRORS = SPARK_RESULT_TYPE + ", error string"  # for params={"on_error": "null"}
 
 
 @dataclass(frozen=True)
@@ -37,43 +169,8 @@ class RowResult:
     error: str | None = None
 
 
-def _param_type(annotation: object) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return _PARAM_TYPES[type(typing.get_args(annotation)[0])]
-    return _PARAM_TYPES[annotation]
-
-
-def param_schema() -> ParamSchema:
-    return ParamSchema(
-        [
-            ParamSpec(name, _param_type(field.annotation), field.default)
-            for name, field in GenerationParams.model_fields.items()
-        ]
-    )
-
-
-def signature() -> ModelSignature:
-    inputs = Schema(
-        [
-            ColSpec("string", "prompt"),
-            ColSpec("string", "image", required=False),
-            *(ColSpec(AnyType(), name, required=False) for name in ROW_FIELDS),
-        ]
-    )
-    outputs = Schema(
-        [
-            ColSpec("string", "prompt"),
-            ColSpec("string", "generated_image"),
-            ColSpec("boolean", "nsfw_content_detected", required=False),
-            ColSpec("long", "seed"),
-            ColSpec("string", ERROR_COLUMN, required=False),
-        ]
-    )
-    return ModelSignature(inputs=inputs, outputs=outputs, params=param_schema())
-
-
 def output_frame(results: list[RowResult], with_errors: bool) -> pd.DataFrame:
-    """The SPEC §4 output: one row per input row, in input order (+ ``error`` in error mode)."""
+    """One row per input row, in input order (+ ``error`` in error mode)."""
     columns = [*OUTPUT_COLUMNS, ERROR_COLUMN] if with_errors else list(OUTPUT_COLUMNS)
     out = pd.DataFrame({c: pd.Series([getattr(r, c) for r in results], dtype=object) for c in columns})
     out["seed"] = out["seed"].astype("Int64" if with_errors else "int64")  # a failed row may have no seed

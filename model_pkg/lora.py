@@ -1,8 +1,7 @@
-"""LoRA adapters packaged in the artifact: staged at build time, loaded once, selected per request.
+"""LoRA adapters packaged in the artifact: loaded once, selected per request.
 
-- Build: ``build.py build --lora NAME=PATH`` (repeatable). ``PATH`` is a ``.safetensors`` file or a
-  folder holding exactly one (diffusers/peft or kohya format, as ``load_lora_weights`` reads them);
-  pickled weights are refused. Staged as ``loras/NAME/<file>`` with its sha256 in ``components.json``.
+- Build (``sdxl_tools.artifact``): ``build.py build --lora NAME=PATH`` (repeatable) stages a
+  ``.safetensors`` file as ``loras/NAME/<file>`` with its sha256 in ``components.json``.
 - Load: every adapter is loaded into the base pipeline once (``load_lora_weights(...,
   adapter_name=NAME)``, peft backend) and left disabled. ``text_encoder_2`` is shared with the
   refiner, so an adapter's ``text_encoder_2`` layers also condition the refiner; the refiner's UNet
@@ -18,88 +17,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-LORA_DIR = "loras"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)
-PICKLED = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 Selection = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: part of the batching key
-
-
-class LoraError(ValueError):
-    """A LoRA source that cannot be packaged, or a selection that cannot be used."""
-
-
-def parse_build_arg(pair: str) -> tuple[str, Path]:
-    """``NAME=PATH`` of ``build.py build --lora``."""
-    name, sep, path = pair.partition("=")
-    if not sep or not path:
-        raise LoraError(f"--lora expects NAME=PATH, got {pair!r}")
-    check_name(name)
-    return name, Path(path)
-
-
-def check_name(name: str) -> None:
-    if not NAME.match(name):
-        raise LoraError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (no ':' or ',')")
-
-
-def _weights_file(source: Path) -> Path:
-    if source.is_file():
-        if source.suffix != ".safetensors":
-            raise LoraError(f"{source}: only .safetensors LoRA files are packaged (no pickled weights)")
-        return source
-    if not source.is_dir():
-        raise LoraError(f"{source} does not exist")
-    files = [p for p in source.rglob("*") if p.is_file()]
-    pickled = [p for p in files if p.suffix in PICKLED]
-    weights = [p for p in files if p.suffix == ".safetensors"]
-    if not weights:
-        hint = f" (found pickled {pickled[0].name}; convert it to safetensors)" if pickled else ""
-        raise LoraError(f"{source} has no .safetensors LoRA weights{hint}")
-    if len(weights) > 1:
-        raise LoraError(f"{source} has {len(weights)} .safetensors files; pass the LoRA file itself")
-    return weights[0]
-
-
-def _check_lora_file(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # not a safetensors file at all
-        raise LoraError(f"{path} is not a readable safetensors file ({e})") from None
-    if not any("lora" in k.lower() for k in keys):
-        raise LoraError(f"{path} holds no LoRA weights (no 'lora' keys); is it a full model?")
-
-
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def stage_loras(loras: dict[str, Path], out: Path) -> dict[str, dict[str, str]]:
-    """Copy each adapter's safetensors file under ``out/loras/NAME/``; the manifest entries."""
-    manifest = {}
-    for name, source in sorted(loras.items()):
-        check_name(name)
-        weights = _weights_file(Path(source))
-        _check_lora_file(weights)
-        target = out / LORA_DIR / name / weights.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(weights, target)
-        manifest[name] = {"path": f"{LORA_DIR}/{name}", "weight_name": weights.name, "sha256": sha256(target)}
-    return manifest
 
 
 def load_loras(base, root: Path, entries: dict[str, dict[str, str]]) -> dict[str, str]:

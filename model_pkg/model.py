@@ -1,4 +1,17 @@
-"""The MLflow PythonModel (models-from-code): load once, then parse → plan → generate → encode."""
+"""The MLflow PythonModel (models-from-code): load once, then one request top to bottom.
+
+A request, as :meth:`SDXLModel.predict` reads:
+
+1. parse    the input frame and params → one validated row spec (or row error) per input row
+2. plan     rows that share their settings → batches, one pipeline call each
+3. generate each batch (base, refiner, or both, per the rows' mode)
+4. safety   the packaged checker flags images (and blacks them out with ``safety_filter``)
+5. encode   each image as PNG / JPEG / WebP, base64 or a data URI, with PNG metadata
+6. frame    one output row per input row, in input order
+
+With ``on_error="null"`` a batch that fails is retried row by row, so one bad row costs only its
+own image; with ``"raise"`` the failure ends the request with the rows it concerned.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +20,23 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from PIL import Image
 
 from model_pkg.config import load_model_config
-from model_pkg.contract import output_frame
-from model_pkg.generation import warm_up
-from model_pkg.pipelines import load_pipelines
-from model_pkg.request import RowSpec, parse_request
-from model_pkg.scoring import score
+from model_pkg.contract import RowResult, output_frame
+from model_pkg.generation import generate_batch, plan_batches, warm_up
+from model_pkg.images import encode_output
+from model_pkg.pipelines import Pipelines, load_pipelines
+from model_pkg.prompts import truncation_warnings
+from model_pkg.request import RowError, RowSpec, parse_request
+from model_pkg.safety import filter_images
 from model_pkg.spark_nulls import preserve_struct_nulls
-from model_pkg.truncation import truncation_warnings
 
 
 class SDXLModel(mlflow.pyfunc.PythonModel):
-    """SDXL 1.0 base + refiner behind MLflow's pyfunc contract (see SPEC.md and README.md)."""
+    """SDXL 1.0 base + refiner behind MLflow's pyfunc contract (see README.md)."""
 
     def load_context(self, context) -> None:
         self.config = load_model_config(context.model_config)
@@ -33,16 +50,52 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One output row per input row (SPEC §4)."""
+        """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""
+        pipes = self.pipelines
         with self._lock:
-            request = parse_request(model_input, params, self.config, self.pipelines.catalog)
-            if request.params.prompt_weighting == "off":  # "auto" encodes long prompts whole
-                base = self.pipelines.base
-                rows = [r for r in request.rows if isinstance(r, RowSpec)]
-                truncation_warnings(rows, [base.tokenizer, base.tokenizer_2])
+            # 1. parse: every row validated before anything runs; errors name the row and the field
+            request = parse_request(model_input, params, self.config, pipes.catalog)
             keep_going = request.params.on_error == "null"
-            results = score(self.pipelines, request.rows, self.config.max_batch_size, keep_going)
-        return output_frame(results, with_errors=keep_going)
+            rows = [r for r in request.rows if isinstance(r, RowSpec)]
+            if request.params.prompt_weighting == "off":  # "auto" encodes long prompts whole
+                truncation_warnings(rows, [pipes.base.tokenizer, pipes.base.tokenizer_2])
+            results = {
+                e.row: RowResult(e.prompt, None, None, None, e.reason) for e in request.rows if isinstance(e, RowError)
+            }
+
+            # 2. plan: rows that share settings are one pipeline call
+            for batch in plan_batches(rows, self.config.max_batch_size):
+                # 3. generate (a failing batch is retried row by row with on_error="null")
+                for done, outcome in _generate(pipes, batch, keep_going):
+                    if isinstance(outcome, str):
+                        results |= {r.index: RowResult(r.prompt, None, None, r.seed, outcome) for r in done}
+                        continue
+                    # 4. safety
+                    images, flags = filter_images(outcome, pipes.safety_checker, done[0].settings.safety_filter)
+                    # 5. encode
+                    for row, image, flag in zip(done, images, flags, strict=True):
+                        encoded = encode_output(image, row, pipes.catalog)
+                        results[row.index] = RowResult(row.prompt, encoded, flag, row.seed)
+
+        # 6. frame: one output row per input row, in input order
+        return output_frame([results[i] for i in range(len(request.rows))], with_errors=keep_going)
+
+
+def _generate(
+    pipes: Pipelines, batch: list[RowSpec], keep_going: bool
+) -> list[tuple[list[RowSpec], list[Image.Image] | str]]:
+    """(rows, images) pairs, or (rows, error message) for rows that failed alone."""
+    try:
+        return [(batch, generate_batch(pipes, batch))]
+    except Exception as e:
+        if not keep_going:
+            rows = ", ".join(str(r.index) for r in batch)
+            raise MlflowException(
+                f"Rows {rows}: generation failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR
+            ) from e
+        if len(batch) == 1:
+            return [(batch, f"generation failed: {type(e).__name__}: {e}")]
+        return [pair for row in batch for pair in _generate(pipes, [row], keep_going)]
 
 
 mlflow.models.set_model(SDXLModel())

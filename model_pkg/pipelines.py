@@ -1,8 +1,16 @@
 """Loading SDXL base + refiner (+ optional safety checker) from the artifact, once per process.
 
-The artifact folder holds ``components.json`` (written by ``packaging.py``), ``base/``,
-``refiner/`` (without the components it shares with the base) and optionally ``safety_checker/``.
-Shared modules are loaded once and handed to the refiner, so they are the same objects.
+The artifact folder holds ``components.json`` (:data:`MANIFEST`, keys :class:`ManifestKey`, written
+by ``sdxl_tools.artifact``), ``base/``, ``refiner/`` (without the components it shares with the
+base) and optionally ``safety_checker/``, ``styles.json`` and ``loras/``. Shared modules are loaded
+once and handed to the refiner, so they are the same objects.
+
+Speed and memory options are applied once here, from the model config. Every option is plain
+diffusers/PyTorch, and all but compile's speed-up can be exercised on a CPU: SDPA attention
+(diffusers' default ``AttnProcessor2_0``), ``channels_last``, ``torch.compile`` of the UNets (and the
+VAE decoder) with a warm-up generation, VAE slicing/tiling, model CPU offload. float16 safety of the
+SDXL VAE is diffusers' own: a VAE whose config says ``force_upcast`` is run in float32 for
+encode/decode; an fp16-fixed VAE (``build.py build --vae DIR``) says it needn't be.
 """
 
 from __future__ import annotations
@@ -11,19 +19,33 @@ import copy
 import json
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor
 
 from model_pkg.catalog import Catalog, load_catalog
 from model_pkg.config import ModelConfig
-from model_pkg.performance import apply_options
 from model_pkg.safety import SafetyChecker
 from model_pkg.schedulers import make_scheduler
 
 MANIFEST = "components.json"
+
+
+class ManifestKey(StrEnum):
+    """The keys of ``components.json``: what the artifact holds, where, and its provenance."""
+
+    BASE = "base"  # folder of the base pipeline
+    REFINER = "refiner"  # folder of the refiner pipeline (without the shared components)
+    SHARED = "shared"  # refiner components loaded from the base: text_encoder_2, tokenizer_2, vae
+    SAFETY_CHECKER = "safety_checker"  # folder, or null
+    STYLES = "styles"  # style table file, or null
+    LORAS = "loras"  # adapter name -> {"path", "weight_name", "sha256"}
+    HASHES = "hashes"  # component -> sha256 of its files (identity of the weights)
+    SOURCES = "sources"  # role -> the folder it was built from
 
 
 class _NoEmptyFp32Warning(logging.Filter):
@@ -86,21 +108,58 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     root = Path(root)
     logging.getLogger("diffusers.models.modeling_utils").addFilter(_FP32_FILTER)  # idempotent
     manifest = json.loads((root / MANIFEST).read_text())
+    K = ManifestKey
     device, dtype = choose_device_dtype(config)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
 
-    base = _from_pretrained(StableDiffusionXLPipeline, root / manifest["base"], dtype)
-    shared = {name: getattr(base, name) for name in manifest["shared"]}
-    refiner = _from_pretrained(StableDiffusionXLImg2ImgPipeline, root / manifest["refiner"], dtype, **shared)
+    base = _from_pretrained(StableDiffusionXLPipeline, root / manifest[K.BASE], dtype)
+    shared = {name: getattr(base, name) for name in manifest[K.SHARED]}
+    refiner = _from_pretrained(StableDiffusionXLImg2ImgPipeline, root / manifest[K.REFINER], dtype, **shared)
     apply_options(base, refiner, config, device)  # device placement, attention, compile, ...
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     checker = None
-    if manifest.get("safety_checker"):
-        checker = SafetyChecker.load(root / manifest["safety_checker"], device, dtype)
-    catalog = load_catalog(root, manifest, base)
+    if manifest.get(K.SAFETY_CHECKER):
+        checker = SafetyChecker.load(root / manifest[K.SAFETY_CHECKER], device, dtype)
+    catalog = load_catalog(
+        root, base, manifest.get(K.STYLES), manifest.get(K.LORAS) or {}, manifest.get(K.HASHES) or {}
+    )
     return Pipelines(base=base, refiner=refiner, safety_checker=checker, device=device, dtype=dtype, catalog=catalog)
+
+
+def _unique(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    return list({id(m): m for m in modules}.values())
+
+
+def apply_options(base: DiffusionPipeline, refiner: DiffusionPipeline, config: ModelConfig, device) -> None:
+    """Configure the loaded pipelines in place (before the first call)."""
+    unets = [base.unet, refiner.unet]
+    vaes = _unique([base.vae, refiner.vae])
+    if config.attention == "classic":  # SDPA (AttnProcessor2_0) is already diffusers' default on torch 2
+        for module in (*unets, *vaes):
+            module.set_attn_processor(AttnProcessor())
+    if config.channels_last:
+        for module in (*unets, *vaes):
+            module.to(memory_format=torch.channels_last)
+    for vae in vaes:
+        if config.vae_slicing:
+            vae.enable_slicing()
+        if config.vae_tiling:
+            vae.enable_tiling()
+    if config.cpu_offload == "model":
+        # modules stay on the CPU; accelerate hooks move each to `device` for its forward pass
+        for pipe in (base, refiner):
+            pipe.enable_model_cpu_offload(device=device)
+    else:
+        for pipe in (base, refiner):
+            pipe.to(device)
+    if config.compile != "none":
+        for pipe in (base, refiner):
+            pipe.unet = torch.compile(pipe.unet, mode=config.compile_mode)
+        if config.compile == "unet+vae":
+            for vae in vaes:
+                vae.decode = torch.compile(vae.decode, mode=config.compile_mode)
 
 
 def call_view(pipe: DiffusionPipeline, scheduler: str, timestep_spacing: str) -> DiffusionPipeline:

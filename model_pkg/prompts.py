@@ -16,12 +16,17 @@ Modelled on diffusers' community ``lpw_stable_diffusion_xl`` pipeline, kept smal
 Both text encoders are used for the base, only ``text_encoder_2`` for the refiner, as diffusers'
 ``encode_prompt`` does; the result is passed as ``prompt_embeds`` / ``pooled_prompt_embeds`` (and the
 negative ones).
+
+With ``prompt_weighting="off"`` prompts go to diffusers as text and CLIP truncates them at 77 tokens:
+:func:`truncation_warnings` then names each row and field that lost words.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -151,3 +156,37 @@ def embeddings(pipe, prompts: list[str], negative_prompts: list[str] | None, win
         negative_prompt_embeds=negative_embeds,
         negative_pooled_prompt_embeds=negative_pooled,
     )
+
+
+# -- truncation warnings (plain-text prompts) ------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+
+def truncation_warnings(rows: Iterable[Any], tokenizers: Sequence[object]) -> list[str]:
+    """One message per :class:`~model_pkg.request.RowSpec` whose prompt or negative prompt exceeds a
+    tokenizer's window; also logged.
+
+    Only rows sent to diffusers as plain text are cut (``prompt_weighting="off"``): diffusers cuts
+    silently past ``tokenizer.model_max_length`` (77, start and end tokens included) and logs the cut
+    text without saying which row; counting with the artifact's own tokenizers names the row and field.
+    """
+    tokenizers = [t for t in tokenizers if t is not None]
+    messages = []
+    for row in rows:
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(row, f"effective_{field}")  # after the style preset is applied
+            if not text:
+                continue
+            for tokenizer in tokenizers:
+                limit = tokenizer.model_max_length
+                count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+                if count > limit:
+                    messages.append(
+                        f"Row {row.index}: '{field}' has {count} CLIP tokens; only the first {limit} are used "
+                        "(the rest is ignored)"
+                    )
+                    break  # one warning per row and field, whichever encoder cut first
+    for message in messages:
+        logger.warning(message)
+    return messages

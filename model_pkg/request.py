@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
-from model_pkg.image_codec import ImageError, decode_image
-from model_pkg.params import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
+from model_pkg.contract import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
+from model_pkg.images import ImageError, decode_image
 
 VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
 

@@ -1,4 +1,4 @@
-"""Optional NSFW safety checker packaged in the artifact (SPEC §5).
+"""Optional NSFW safety checker packaged in the artifact.
 
 SDXL pipelines have no safety checker of their own (``safety_checker=`` is ignored), so the
 artifact carries a diffusers ``StableDiffusionSafetyChecker`` + its CLIP image processor (or any

@@ -34,7 +34,7 @@ from pyspark.sql.types import LongType, StructField, StructType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # model_pkg, when run from a checkout
 
-from model_pkg.spark import input_struct, result_type
+from sdxl_tools.spark import input_struct, result_type
 
 BATCH_DEFAULTS = {"on_error": "null"}
 

@@ -24,11 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from model_pkg.azure import azure_request_to_frame, to_azure_response  # noqa: E402
-from model_pkg.image_codec import b64_to_image  # noqa: E402
-from model_pkg.packaging import stage_components  # noqa: E402
-from model_pkg.registry import register, use_experiment  # noqa: E402
-from model_pkg.tiny import write_tiny_sdxl  # noqa: E402
+from sdxl_tools.artifact import stage_components  # noqa: E402
+from sdxl_tools.client import (  # noqa: E402
+    azure_request_to_frame,
+    b64_to_image,
+    to_azure_response,
+)
+from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
+from sdxl_tools.registry import register, use_experiment  # noqa: E402
 
 MODEL_NAME = "sdxl-tiny"
 OUTPUT = ROOT / "demo_output"
@@ -72,7 +75,7 @@ def main() -> None:
     print(f"\nscored {len(result)} rows from {uri} with params {PARAMS}:\n")
     print(pd.DataFrame(table).to_string(index=False))
     azure = to_azure_response(result.iloc[:2])
-    print(f"\nAzure response shape (seed 001): {list(azure[0])} × {len(azure)}")
+    print(f"\nAzure response shape (SDXL model card): {list(azure[0])} × {len(azure)}")
     print(f"done in {time.perf_counter() - start:.1f} s; images in {OUTPUT.relative_to(ROOT)}/")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Score a running ``mlflow models serve`` endpoint with an Azure ML request body (seed 001).
+"""Score a running ``mlflow models serve`` endpoint with an Azure ML request body (the SDXL model card shape).
 
 MLflow's scoring server (3.17) accepts only ``dataframe_split`` / ``dataframe_records`` /
 ``instances`` / ``inputs`` at the top level and answers a bare ``{"input_data": ...}`` with HTTP 400;
@@ -26,8 +26,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model_pkg.azure import to_azure_response, to_mlflow_request
-from model_pkg.image_codec import output_bytes
+from sdxl_tools.client import output_bytes, to_azure_response, to_mlflow_request
 
 EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"RIFF": "webp"}
 
@@ -61,7 +60,7 @@ def save_images(rows: list[dict], folder: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--azure", required=True, type=Path, help="Azure ML request body (seed 001 shape)")
+    parser.add_argument("--azure", required=True, type=Path, help="Azure ML request body (the SDXL model card shape)")
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="scoring server base URL")
     parser.add_argument("--save", type=Path, help="folder to write the generated images to")
     parser.add_argument("--short", action="store_true", help="abbreviate base64 images in the printed list")

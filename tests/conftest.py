@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from model_pkg.packaging import save_artifact, stage_components
-from model_pkg.tiny import TinySDXL, write_tiny_sdxl
+from sdxl_tools.artifact import save_artifact, stage_components
+from sdxl_tools.random_weights import TinySDXL, write_tiny_sdxl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""The file batch job (``python -m model_pkg.batch``): formats, per-row errors, kill and resume."""
+"""The file batch job (``python -m sdxl_tools.batch``): formats, per-row errors, kill and resume."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from helpers import png_b64
 from PIL import Image
 
-from model_pkg.batch import MANIFEST, BatchError, main, read_prompts, run
+from sdxl_tools.batch import MANIFEST, BatchError, main, read_prompts, run
 
 ROOT = Path(__file__).resolve().parent.parent
 # Cheap enough for 100 rows: base only, 2 steps, 64×64.
@@ -54,7 +54,7 @@ def test_killed_job_resumes_every_row_exactly_once(model, artifact, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", hundred_rows_with_five_bad())
     output = tmp_path / "out"
     params = CHEAP | {"seed": 1000}
-    command = [sys.executable, "-m", "model_pkg.batch", "--model", str(artifact), "--input", str(prompts)]
+    command = [sys.executable, "-m", "sdxl_tools.batch", "--model", str(artifact), "--input", str(prompts)]
     command += ["--output", str(output), "--params", json.dumps(params), "--chunk-size", "4", "--no-progress"]
     log = (tmp_path / "job.log").open("w")
     job = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ from helpers import decode, png_b64
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from model_pkg.spark import input_struct, result_type
+from sdxl_tools.spark import input_struct, result_type
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spark's Python workers run with OMP_NUM_THREADS=1; pin torch to one thread on both sides so the

@@ -7,9 +7,9 @@ import json
 from helpers import decode
 from mlflow.models import Model
 
-from model_pkg.contract import OUTPUT_COLUMNS, SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS, signature
-from model_pkg.packaging import TEMPLATE, input_example
-from model_pkg.params import ROW_FIELDS, GenerationParams
+from model_pkg.contract import OUTPUT_COLUMNS, ROW_FIELDS, GenerationParams
+from sdxl_tools.artifact import TEMPLATE, input_example, signature
+from sdxl_tools.spark import SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS
 
 
 def test_signature_template_is_what_the_code_declares():
@@ -44,3 +44,68 @@ def test_artifact_mlmodel_has_signature_example_and_card(artifact, model):
     df, params = input_example()
     out = model.predict(df, params=params)  # the artifact scores its own example
     assert [decode(b).size for b in out["generated_image"]] == [(64, 64), (64, 64)]
+
+
+# -- the params are declared once (GenerationParams); everything else must follow -----------------
+
+# Settings fields that are not params of the same name: what parsing resolves them into.
+DERIVED_SETTINGS = {"mode": "refiner, or img2img for image rows", "prompt_chunks": "prompt_weighting"}
+# Params that are not Settings fields: kept per row or only decide how the request is handled.
+NOT_SETTINGS = {
+    "refiner": "Settings.mode",
+    "negative_prompt": "RowSpec.negative_prompt",
+    "seed": "RowSpec.seed",
+    "style": "RowSpec.style (applied to the prompt text)",
+    "aspect_ratio": "Settings.height/width",
+    "lora_scale": "the weights in Settings.lora",
+    "prompt_weighting": "Settings.prompt_chunks",
+    "on_error": "how failures are reported",
+}
+
+
+def test_settings_follow_the_params():
+    """A new param must become a Settings field (part of the batching key) or be listed above."""
+    from dataclasses import fields
+
+    from model_pkg.request import Settings
+
+    params, settings = set(GenerationParams.model_fields), {f.name for f in fields(Settings)}
+    assert params - settings == set(NOT_SETTINGS)
+    assert settings - params == set(DERIVED_SETTINGS)
+
+
+def test_reproduction_request_records_every_param(model):
+    """The PNG metadata's request carries every param except the ones it says it leaves out."""
+    from helpers import FAST, frame
+
+    from model_pkg.images import NOT_REPRODUCED
+    from sdxl_tools.client import read_metadata
+
+    out = model.predict(frame({"prompt": "a cat"}), params=FAST | {"seed": 3})
+    recorded = set(read_metadata(out["generated_image"][0])["request"]["params"])
+    assert recorded == set(GenerationParams.model_fields) - set(NOT_REPRODUCED)
+
+
+def readme_params_table() -> dict[str, str]:
+    """``param -> default`` from the README's params table (one row may name several params)."""
+    text = (TEMPLATE.parent / "README.md").read_text()
+    section = text.split("### Params", 1)[1].split("\n\n", 2)[1]
+    table: dict[str, str] = {}
+    for line in section.splitlines()[2:]:
+        names, default = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        for name in names.replace("`", "").split(","):
+            table[name.strip()] = default.strip("`")
+    return table
+
+
+def test_readme_params_table_lists_every_param_with_its_default():
+    table = readme_params_table()
+    assert set(table) == set(GenerationParams.model_fields)
+    for name, field in GenerationParams.model_fields.items():
+        default, written = field.default, table[name]
+        if isinstance(default, bool):
+            assert written == str(default).lower(), name
+        elif isinstance(default, int | float):
+            assert float(written) == default, name
+        else:
+            assert written == (default or '""'), name

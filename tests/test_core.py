@@ -14,12 +14,12 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from helpers import FAST, decode, frame, pixels, png_b64
 
-from model_pkg.azure import azure_request_to_frame, loads_lenient, to_azure_response
 from model_pkg.config import ModelConfig
 from model_pkg.contract import OUTPUT_COLUMNS
 from model_pkg.generation import generate_batch, plan_batches
-from model_pkg.packaging import log_artifact, stage_components
 from model_pkg.request import parse_request
+from sdxl_tools.artifact import log_artifact, stage_components
+from sdxl_tools.client import azure_request_to_frame, loads_lenient, to_azure_response
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SEED_001_BODY = """{

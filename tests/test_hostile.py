@@ -251,10 +251,10 @@ def test_prompts_over_77_clip_tokens_warn_once_per_row_and_field(model, caplog):
         {"prompt": "a cat", "negative_prompt": LONG, "seed": 1},
         {"prompt": LONG + " and a red hat on a blue dog", "seed": 1},
     )
-    with caplog.at_level(logging.WARNING, logger="model_pkg.truncation"):
+    with caplog.at_level(logging.WARNING, logger="model_pkg.prompts"):
         out = model.predict(rows, params=CHEAP | {"prompt_weighting": "off"})  # plain CLIP: truncates
         model.predict(rows.iloc[[0]], params=CHEAP)  # default auto: chunked embeddings, nothing cut
-    warned = [r.getMessage() for r in caplog.records if r.name == "model_pkg.truncation"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "model_pkg.prompts"]
     assert [m.split(":")[0] for m in warned] == ["Row 0", "Row 2", "Row 3"]
     assert warned[0].startswith("Row 0: 'prompt' has ") and "only the first 77 are used" in warned[0]
     assert warned[1].startswith("Row 2: 'negative_prompt' has ")

@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 from model_pkg.generation import generate_batch
 from model_pkg.lora import parse_selection
-from model_pkg.packaging import BuildError, save_artifact, stage_components
 from model_pkg.request import parse_request
-from model_pkg.tiny import write_tiny_lora
+from sdxl_tools.artifact import BuildError, save_artifact, stage_components
+from sdxl_tools.random_weights import write_tiny_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = FAST | {"num_inference_steps": 5}  # ensemble: 4 base steps + 1 refiner step; enough to see an adapter
@@ -159,7 +159,7 @@ def test_build_cli_lora_flag(tiny_loras, tmp_path):
 
 
 def test_pai_eas_prompt_tags_select_adapters_and_round_trip_through_png_metadata(lora_model):
-    from model_pkg.outputs import read_metadata
+    from sdxl_tools.client import read_metadata
 
     tagged = lora_model.predict(frame({"prompt": "a cat <lora:toy:0.7> with a hat", "seed": 5}), params=FAST)
     by_param = lora_model.predict(frame({"prompt": "a cat with a hat", "seed": 5}), params=FAST | {"lora": "toy:0.7"})

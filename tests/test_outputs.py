@@ -11,7 +11,8 @@ from helpers import FAST, decode, frame
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from model_pkg.outputs import METADATA_KEY, read_metadata
+from model_pkg.images import METADATA_KEY
+from sdxl_tools.client import read_metadata
 
 
 def test_jpeg_and_webp_honour_output_quality(model):

@@ -11,7 +11,7 @@ from helpers import FAST, decode, frame
 from safetensors.torch import load_file, save_file
 
 import build
-from model_pkg.packaging import BuildError, stage_components
+from sdxl_tools.artifact import BuildError, stage_components
 
 
 def test_pickled_weights_are_refused(tiny, tmp_path):
@@ -53,7 +53,7 @@ def test_a_refiner_component_that_differs_is_stored_and_loaded_separately(tiny, 
 
 
 def build_model(staged, tmp_path):
-    from model_pkg.packaging import save_artifact
+    from sdxl_tools.artifact import save_artifact
 
     return save_artifact(staged, tmp_path / "model")
 

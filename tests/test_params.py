@@ -7,7 +7,7 @@ from helpers import FAST, frame, png_b64
 from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig, load_model_config
-from model_pkg.params import ASPECT_RATIOS, GenerationParams
+from model_pkg.contract import ASPECT_RATIOS, GenerationParams
 from model_pkg.request import RowError, parse_request
 from model_pkg.schedulers import SCHEDULERS, canonical_scheduler, scheduler_names
 

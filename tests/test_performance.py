@@ -11,11 +11,11 @@ import torch
 from helpers import FAST, frame
 
 from model_pkg.config import ModelConfig
-from model_pkg.fullsize import base_unet, refiner_unet, text_encoder, text_encoder_2, vae
 from model_pkg.generation import generate_batch
-from model_pkg.packaging import save_artifact, stage_components
 from model_pkg.pipelines import load_pipelines
 from model_pkg.request import parse_request
+from sdxl_tools.artifact import save_artifact, stage_components
+from sdxl_tools.random_weights import base_unet, refiner_unet, text_encoder, text_encoder_2, vae
 
 ROWS = frame({"prompt": "a cat with a hat", "seed": 1}, {"prompt": "a dog on a bench", "seed": 2})
 

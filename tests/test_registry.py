@@ -28,12 +28,13 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from processes import VENV_BIN, child_env, free_port, running
 
 import build
-from model_pkg import contract, registry
-from model_pkg.contract import OUTPUT_COLUMNS, signature
-from model_pkg.gate import breaking_changes
-from model_pkg.packaging import Staged, stage_components
-from model_pkg.registry import PromotionRefused, holder, promote, rollback
-from model_pkg.tiny import write_tiny_sdxl
+from model_pkg import contract
+from model_pkg.contract import OUTPUT_COLUMNS
+from sdxl_tools import registry
+from sdxl_tools.artifact import Staged, signature, stage_components
+from sdxl_tools.gate import breaking_changes
+from sdxl_tools.random_weights import write_tiny_sdxl
+from sdxl_tools.registry import PromotionRefused, holder, promote, rollback
 
 NAME = "sdxl-dev"
 REQUEST = {"prompt": "a red bicycle", "seed": 7}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig
-from model_pkg.params import MAX_SEED, GenerationParams
+from model_pkg.contract import MAX_SEED, GenerationParams
 from model_pkg.request import RowError, RowSpec, parse_request
 
 LIMITS = ModelConfig(max_rows=5)

@@ -1,4 +1,4 @@
-"""The optional safety checker (SPEC §5): real nsfw_content_detected per row, black images, model card.
+"""The optional safety checker : real nsfw_content_detected per row, black images, model card.
 
 Checkers are tiny real ``StableDiffusionSafetyChecker`` models whose verdict is forced through their
 own weights (extreme concept thresholds), packaged with the session's tiny SDXL.
@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
 import build
-from model_pkg.packaging import BuildError, save_artifact, stage_components
-from model_pkg.tiny import tiny_safety_checker, write_tiny_safety_checker
+from sdxl_tools.artifact import BuildError, save_artifact, stage_components
+from sdxl_tools.random_weights import tiny_safety_checker, write_tiny_safety_checker
 
 ROWS = frame(
     {"prompt": "a cat with a hat", "seed": 1},

@@ -22,9 +22,9 @@ import pytest
 from helpers import FAST, decode, png_b64
 from scoring_server import ScoringServer
 
-from model_pkg.azure import AZURE_OUTPUT_KEYS
 from model_pkg.contract import OUTPUT_COLUMNS
-from model_pkg.packaging import log_artifact, stage_components
+from sdxl_tools.artifact import log_artifact, stage_components
+from sdxl_tools.client import AZURE_OUTPUT_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME, ALIAS = "sdxl-serving", "champion"
@@ -136,7 +136,7 @@ def test_azure_sample_round_trips_to_the_seed_001_shape(server, tmp_path):
     request_rows = json.loads(sample.read_text())["input_data"]["data"]
     assert isinstance(response, list) and len(response) == len(request_rows)
     for row, sent in zip(response, request_rows, strict=True):
-        assert tuple(row) == AZURE_OUTPUT_KEYS  # exactly the seed 001 keys, in its order
+        assert tuple(row) == AZURE_OUTPUT_KEYS  # exactly the Azure model card keys, in its order
         assert row["prompt"] == sent["prompt"]
         assert row["nsfw_content_detected"] is None  # no safety checker packaged (as Azure's card)
         assert decode(row["generated_image"]).size == decode(sent["image"]).size  # img2img keeps the size

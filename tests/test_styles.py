@@ -11,10 +11,10 @@ from helpers import FAST, frame, pixels
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from model_pkg.catalog import load_styles
 from model_pkg.config import ModelConfig
-from model_pkg.packaging import TEMPLATE
 from model_pkg.request import parse_request
-from model_pkg.styles import load_styles
+from sdxl_tools.artifact import TEMPLATE
 
 PRESETS = [
     "photographic", "cinematic", "anime", "digital-art", "comic-book", "fantasy-art", "line-art", "analog-film",

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from helpers import decode, frame, pixels
 
-from model_pkg.outputs import read_metadata
+from sdxl_tools.client import read_metadata
 
 BIG = {"num_inference_steps": 2, "height": 256, "width": 256, "refiner": "none", "seed": 4}  # diffusers: ≥ 256 px
 

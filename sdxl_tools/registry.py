@@ -4,7 +4,7 @@ Store: ``MLFLOW_TRACKING_URI`` when set (a server, a database, ...), else an emb
 in the project folder (``mlflow.db``, artifacts in ``mlruns/``): nothing to start.
 
 Promotion moves an alias (``models:/NAME@staging``, ``models:/NAME@production``) after
-:func:`model_pkg.gate.validate` passed. The version that takes an alias records the one that held it
+:func:`sdxl_tools.gate.validate` passed. The version that takes an alias records the one that held it
 in its tag ``previous.<alias>``; :func:`rollback` follows that tag, so repeated rollbacks walk back
 through the history. Stages are deprecated in MLflow: ``use_stages=True`` also moves the version to
 the matching stage (``staging`` → ``Staging``, ``production`` → ``Production``), archiving the
@@ -28,8 +28,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 
-from model_pkg.gate import GateReport, describe_params, describe_schema, validate
-from model_pkg.packaging import ROOT, Staged, log_artifact
+from sdxl_tools.artifact import ROOT, Staged, log_artifact
+from sdxl_tools.gate import GateReport, describe_params, describe_schema, validate
 
 DEFAULT_EXPERIMENT = "sdxl"
 ALIASES = ("staging", "production")

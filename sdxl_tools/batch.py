@@ -2,7 +2,7 @@
 
 ::
 
-    python -m model_pkg.batch --model URI --input prompts.{csv,jsonl,parquet} --output DIR \\
+    python -m sdxl_tools.batch --model URI --input prompts.{csv,jsonl,parquet} --output DIR \\
         [--params JSON] [--chunk-size N] [--model-config JSON] [--retry-errors]
 
 One input row = one image. Rows are scored ``--chunk-size`` at a time (rows of a chunk that share
@@ -35,8 +35,8 @@ from typing import Any
 
 import pandas as pd
 
-from model_pkg.image_codec import output_bytes
-from model_pkg.params import parse_params
+from model_pkg.contract import parse_params
+from sdxl_tools.client import output_bytes
 
 MANIFEST = "manifest.jsonl"
 JOB_FILE = "job.json"
@@ -276,7 +276,7 @@ def _json_arg(text: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m model_pkg.batch",
+        prog="python -m sdxl_tools.batch",
         description="Score a prompts file into image files and a JSON Lines manifest; rerun to resume.",
     )
     parser.add_argument("--model", required=True, help="model URI: a path, runs:/..., models:/NAME@alias")
@@ -311,5 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``sdxl-batch`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,7 +3,13 @@
 Staging takes each pipeline folder's components as listed in its ``model_index.json``, keeps
 configs, tokenizer files and ``*.safetensors`` weights, refuses pickled weights, and stores the
 refiner's ``text_encoder_2`` / ``tokenizer_2`` / ``vae`` only when they differ from the base's
-(content hash). ``components.json`` records what is shared and every component's hash.
+(content hash). ``components.json`` (keys: ``model_pkg.pipelines.ManifestKey``) records what is
+shared and every component's hash. LoRA adapters (``--lora NAME=PATH``) and the style table are
+staged beside the pipelines.
+
+The MLflow model is models-from-code: ``model_pkg/model.py`` with ``model_pkg/`` as its only
+``code_paths`` entry (this package is never shipped), the signature derived from
+``model_pkg.contract``, pinned requirements and an input example from ``MLmodel_template/``.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,17 +27,24 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 
-from model_pkg.catalog import stage_styles
+import model_pkg
+from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.config import load_model_config
-from model_pkg.contract import signature
-from model_pkg.lora import LoraError, stage_loras
+from model_pkg.contract import ERROR_COLUMN, ROW_FIELDS, GenerationParams
 from model_pkg.pipelines import MANIFEST
-from model_pkg.styles import STYLES_FILE, load_styles
+from model_pkg.pipelines import ManifestKey as K
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "MLmodel_template"
-MODEL_FILE = Path(__file__).resolve().parent / "model.py"
+RUNTIME = Path(model_pkg.__file__).resolve().parent  # the artifact's only code_paths entry
+MODEL_FILE = RUNTIME / "model.py"
+LORA_DIR = "loras"
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PARAM_TYPES = {str: "string", int: "long", float: "double", bool: "boolean"}
 SHAREABLE = ("text_encoder_2", "tokenizer_2", "vae")
 KEEP_SUFFIXES = (".json", ".txt", ".safetensors")
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -38,6 +53,121 @@ VARIANTS = ("all", "fp16", "fp32")
 
 class BuildError(ValueError):
     """The source folders cannot be packaged; the message says what to fix."""
+
+
+# -- the signature, derived from model_pkg.contract ----------------------------------------------
+
+
+def _param_type(annotation: object) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return _PARAM_TYPES[type(typing.get_args(annotation)[0])]
+    return _PARAM_TYPES[annotation]
+
+
+def param_schema() -> ParamSchema:
+    return ParamSchema(
+        [
+            ParamSpec(name, _param_type(field.annotation), field.default)
+            for name, field in GenerationParams.model_fields.items()
+        ]
+    )
+
+
+def signature() -> ModelSignature:
+    inputs = Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("string", "image", required=False),
+            *(ColSpec(AnyType(), name, required=False) for name in ROW_FIELDS),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("string", "generated_image"),
+            ColSpec("boolean", "nsfw_content_detected", required=False),
+            ColSpec("long", "seed"),
+            ColSpec("string", ERROR_COLUMN, required=False),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=param_schema())
+
+
+# -- LoRA adapters and the style table --------------------------------------------------------------
+
+
+class LoraError(BuildError):
+    """A LoRA source that cannot be packaged."""
+
+
+def parse_build_arg(pair: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of ``build.py build --lora``."""
+    name, sep, path = pair.partition("=")
+    if not sep or not path:
+        raise LoraError(f"--lora expects NAME=PATH, got {pair!r}")
+    check_name(name)
+    return name, Path(path)
+
+
+def check_name(name: str) -> None:
+    if not LORA_NAME.match(name):
+        raise LoraError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (no ':' or ',')")
+
+
+def _weights_file(source: Path) -> Path:
+    if source.is_file():
+        if source.suffix != ".safetensors":
+            raise LoraError(f"{source}: only .safetensors LoRA files are packaged (no pickled weights)")
+        return source
+    if not source.is_dir():
+        raise LoraError(f"{source} does not exist")
+    files = [p for p in source.rglob("*") if p.is_file()]
+    pickled = [p for p in files if p.suffix in PICKLED_SUFFIXES]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if not weights:
+        hint = f" (found pickled {pickled[0].name}; convert it to safetensors)" if pickled else ""
+        raise LoraError(f"{source} has no .safetensors LoRA weights{hint}")
+    if len(weights) > 1:
+        raise LoraError(f"{source} has {len(weights)} .safetensors files; pass the LoRA file itself")
+    return weights[0]
+
+
+def _check_lora_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # not a safetensors file at all
+        raise LoraError(f"{path} is not a readable safetensors file ({e})") from None
+    if not any("lora" in k.lower() for k in keys):
+        raise LoraError(f"{path} holds no LoRA weights (no 'lora' keys); is it a full model?")
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def stage_loras(loras: dict[str, Path], out: Path) -> dict[str, dict[str, str]]:
+    """Copy each adapter's safetensors file under ``out/loras/NAME/``; the manifest entries."""
+    manifest = {}
+    for name, source in sorted(loras.items()):
+        check_name(name)
+        weights = _weights_file(Path(source))
+        _check_lora_file(weights)
+        target = out / LORA_DIR / name / weights.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(weights, target)
+        manifest[name] = {"path": f"{LORA_DIR}/{name}", "weight_name": weights.name, "sha256": sha256(target)}
+    return manifest
+
+
+def stage_styles(out: Path, source: Path) -> str:
+    """Copy the style table into the artifact folder; its manifest entry."""
+    load_styles(source)  # a malformed table fails the build, not the first request
+    (out / STYLES_FILE).write_bytes(Path(source).read_bytes())
+    return STYLES_FILE
 
 
 @dataclass(frozen=True)
@@ -135,19 +265,16 @@ def stage_components(
         hashes["safety_checker"] = _hash(files, Path(safety_checker))
         for f in files:
             _place(f, out / "safety_checker" / f.relative_to(safety_checker))
-    try:
-        lora_entries = stage_loras(loras or {}, out)
-    except LoraError as e:
-        raise BuildError(str(e)) from None
+    lora_entries = stage_loras(loras or {}, out)
     manifest = {
-        "styles": stage_styles(out, TEMPLATE / STYLES_FILE),
-        "loras": lora_entries,
-        "base": "base",
-        "refiner": "refiner",
-        "safety_checker": "safety_checker" if safety_checker is not None else None,
-        "shared": shared,
-        "hashes": hashes,
-        "sources": {"base": str(base.resolve()), "refiner": str(refiner.resolve())}
+        K.STYLES: stage_styles(out, TEMPLATE / STYLES_FILE),
+        K.LORAS: lora_entries,
+        K.BASE: "base",
+        K.REFINER: "refiner",
+        K.SAFETY_CHECKER: "safety_checker" if safety_checker is not None else None,
+        K.SHARED: shared,
+        K.HASHES: hashes,
+        K.SOURCES: {"base": str(base.resolve()), "refiner": str(refiner.resolve())}
         | ({"safety_checker": str(Path(safety_checker).resolve())} if safety_checker else {})
         | ({"vae": str(Path(vae).resolve())} if vae else {}),
     }
@@ -169,18 +296,18 @@ def input_example() -> tuple[pd.DataFrame, dict[str, Any]]:
 def model_card(staged: Staged) -> dict[str, Any]:
     """MLmodel ``metadata``: the static model card plus this build's provenance."""
     card = yaml.safe_load((TEMPLATE / "model_card.yaml").read_text())
-    has_checker = staged.manifest["safety_checker"] is not None
+    has_checker = staged.manifest[K.SAFETY_CHECKER] is not None
     card["safety_checker"] = (
         "packaged: nsfw_content_detected is true/false; flagged images are blacked out unless safety_filter=false"
         if has_checker
         else "none: nsfw_content_detected is null (nothing is checked); use a content-safety service"
     )
     card["styles"] = {"version": styles_version(staged), "names": sorted(styles_names(staged))}
-    card["loras"] = {name: entry["sha256"] for name, entry in (staged.manifest.get("loras") or {}).items()}
+    card["loras"] = {name: entry["sha256"] for name, entry in (staged.manifest.get(K.LORAS) or {}).items()}
     card["components"] = {
-        "shared_by_base_and_refiner": staged.manifest["shared"],
-        "sha256": staged.manifest["hashes"],
-        "sources": staged.manifest["sources"],
+        "shared_by_base_and_refiner": staged.manifest[K.SHARED],
+        "sha256": staged.manifest[K.HASHES],
+        "sources": staged.manifest[K.SOURCES],
     }
     return card
 
@@ -197,7 +324,7 @@ def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None) -> dict[s
     return dict(
         python_model=str(MODEL_FILE),
         artifacts={"sdxl": str(staged.folder)},
-        code_paths=[str(MODEL_FILE.parent)],
+        code_paths=[str(RUNTIME)],  # the runtime package only: tools stay home
         signature=signature(),
         input_example=input_example(),
         pip_requirements=requirements(),

@@ -3,7 +3,7 @@
 ::
 
     from pyspark.sql.functions import col
-    from model_pkg.spark import input_struct, result_type
+    from sdxl_tools.spark import input_struct, result_type
 
     params = {"num_inference_steps": 30, "on_error": "null"}
     udf = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type(params), params=params,
@@ -28,9 +28,11 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, DataType, LongType, StringType, StructField, StructType
 
-from model_pkg.contract import SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS
-from model_pkg.params import ROW_FIELDS
+from model_pkg.contract import ROW_FIELDS
 
+# The struct type to pass as spark_udf(result_type=...): names and order of the output columns.
+SPARK_RESULT_TYPE = "prompt string, generated_image string, nsfw_content_detected boolean, seed long"
+SPARK_RESULT_TYPE_WITH_ERRORS = SPARK_RESULT_TYPE + ", error string"  # for params={"on_error": "null"}
 INPUT_COLUMNS = ("prompt", "image", *ROW_FIELDS)
 _TYPES: dict[str, DataType] = {"string": StringType(), "boolean": BooleanType(), "long": LongType()}
 
