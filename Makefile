@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml MLmodel_template/requirements.txt
+$(VENV)/.installed: pyproject.toml MLmodel_template/requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and exact: the local CPU wheel; a loose torch pulls a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# then the project, with the tested versions (constraints.txt) of what requirements.txt gives as ranges
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed

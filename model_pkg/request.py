@@ -285,7 +285,7 @@ def to_frame(model_input: Any, limits: ModelConfig) -> pd.DataFrame:
         elif isinstance(model_input, list):
             records = model_input and isinstance(model_input[0], dict)
             model_input = pd.DataFrame(model_input if records else {"prompt": model_input})
-    except (ValueError, TypeError) as e:  # ragged columns, scalars without an index, mixed records
+    except (ValueError, TypeError, AttributeError) as e:  # ragged columns, no index, mixed records (pandas 2)
         raise MlflowException.invalid_parameter_value(
             f"Cannot read the input as a table of rows ({e}); send a DataFrame with a 'prompt' column"
         ) from None

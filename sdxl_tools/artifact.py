@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "MLmodel_template"
 RUNTIME = Path(model_pkg.__file__).resolve().parent  # the artifact's only code_paths entry
 MODEL_FILE = RUNTIME / "model.py"
+# model-settings.json + the MLServer runtime class: copied into every artifact (artifacts/mlserver/),
+# where `mlserver start <model>` and KServe's MLServer find them
+MLSERVER = ROOT / "deploy" / "mlserver"
 LORA_DIR = "loras"
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PARAM_TYPES = {str: "string", int: "long", float: "double", bool: "boolean"}
@@ -323,7 +326,7 @@ def styles_names(staged: Staged) -> list[str]:
 def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None) -> dict[str, Any]:
     return dict(
         python_model=str(MODEL_FILE),
-        artifacts={"sdxl": str(staged.folder)},
+        artifacts={"sdxl": str(staged.folder), "mlserver": str(MLSERVER)},
         code_paths=[str(RUNTIME)],  # the runtime package only: tools stay home
         signature=signature(),
         input_example=input_example(),

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import platforms
 import pytest
 
 from sdxl_tools.artifact import save_artifact, stage_components
@@ -19,6 +21,29 @@ from sdxl_tools.random_weights import TinySDXL, write_tiny_sdxl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+PLATFORM_VENVS = pytest.StashKey[dict[str, Future]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``platform(NAME)`` run last, and the venvs of their platforms are built meanwhile in
+    the background (minutes, the first time on a machine; see platforms.py)."""
+    items.sort(key=lambda item: item.get_closest_marker("platform") is not None)  # stable: order kept otherwise
+    wanted = {marker.args[0] for item in items for marker in item.iter_markers("platform")}
+    pool = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="platform-venv")
+    config.stash[PLATFORM_VENVS] = {
+        p.name: pool.submit(platforms.venv, p) for p in platforms.PLATFORMS if p.name in wanted
+    }
+    pool.shutdown(wait=False)
+
+
+@pytest.fixture(scope="session")
+def platform_venv(pytestconfig):
+    """``platform_venv("azureml")``: the path of that platform's venv, once built."""
+
+    def get(name: str) -> Path:
+        return pytestconfig.stash[PLATFORM_VENVS][name].result()
+
+    return get
 
 
 @pytest.fixture(scope="session")

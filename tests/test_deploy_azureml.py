@@ -1,0 +1,167 @@
+"""Azure ML online deployments, on the real ``azmlinfsrv`` (azureml-inference-server-http) at 127.0.0.1,
+in a venv made as Azure makes it: the curated MLflow image's packages, then the artifact's requirements.
+
+- with our scoring script (``deploy/azureml/score.py``): the Azure request body as it is → 200 and the
+  list of rows; an image from Azure's sample client (``base64.encodebytes``) works; a bad row → 400
+  naming the row and the field; the server keeps serving;
+- no-code: the steps of Azure's generic MLflow scoring script that touch the artifact
+  (``azureml_generic.py``) boot and serve the same body.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from helpers import decode, png_b64
+from packaging.requirements import Requirement
+from platforms import AZUREML, ROOT, server_env, unmet_requirements
+from processes import free_port, running
+
+from sdxl_tools.artifact import requirements
+
+pytestmark = pytest.mark.platform(AZUREML.name)
+TESTS = Path(__file__).resolve().parent
+PARAMS = {"num_inference_steps": 5, "height": 64, "width": 64, "seed": 0}
+IMAGE = png_b64(size=(64, 64))
+# The Azure ML SDXL model card's request: rows as objects, an index, params.
+BODY = {
+    "input_data": {
+        "columns": ["prompt", "image"],
+        "data": [
+            {"prompt": "Face of a yellow cat, high resolution, sitting on a park bench", "image": None},
+            {"prompt": "Face of a green cat, high resolution, sitting on a park bench", "image": IMAGE},
+        ],
+        "index": [0, 1],
+    },
+    "params": PARAMS,
+}
+
+
+def as_lists(body: dict) -> dict:
+    """The same request with ``data`` rows as lists."""
+    out = copy.deepcopy(body)
+    data = out["input_data"]
+    data["data"] = [[row.get(c) for c in data["columns"]] for row in data["data"]]
+    return out
+
+
+class Azmlinfsrv:
+    def __init__(self, url: str):
+        self.url = url
+
+    def score(self, body: dict | str) -> requests.Response:
+        data = body if isinstance(body, str) else json.dumps(body)
+        return requests.post(f"{self.url}/score", data=data, headers={"Content-Type": "application/json"}, timeout=300)
+
+
+def serve(venv: Path, artifact: Path, entry_script: Path, log: Path) -> Iterator[Azmlinfsrv]:
+    port = free_port()
+    env = server_env(
+        venv,
+        AZUREML_MODEL_DIR=str(artifact.parent),
+        MLFLOW_MODEL_FOLDER=artifact.name,  # set by Azure for no-code deployments; score.py also finds it alone
+        AML_APP_ROOT=str(ROOT),  # the deployment's code folder (deployment.yml: code: ../..)
+        WORKER_TIMEOUT="600",
+    )
+    args = [str(venv / "bin" / "python"), str(TESTS / "azmlinfsrv_loopback.py")]
+    args += ["--entry_script", str(entry_script), "--port", str(port)]
+    with running(args, f"http://127.0.0.1:{port}/", log, env, timeout=420):
+        yield Azmlinfsrv(f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def venv(platform_venv) -> Path:
+    return platform_venv(AZUREML.name)
+
+
+@pytest.fixture(scope="module")
+def scoring_script(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
+    yield from serve(venv, artifact, ROOT / "deploy" / "azureml" / "score.py", tmp_path_factory.mktemp("az") / "log")
+
+
+@pytest.fixture(scope="module")
+def no_code(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
+    yield from serve(venv, artifact, TESTS / "azureml_generic.py", tmp_path_factory.mktemp("az") / "log")
+
+
+def check_rows(rows: list[dict], body: dict) -> None:
+    sent = body["input_data"]["data"]
+    assert [row["prompt"] for row in rows] == [r["prompt"] if isinstance(r, dict) else r[0] for r in sent]
+    assert [row["seed"] for row in rows] == [PARAMS["seed"] + i for i in range(len(sent))]
+    for row in rows:
+        assert set(row) == {"prompt", "generated_image", "nsfw_content_detected", "seed"}
+        assert row["nsfw_content_detected"] is None  # no safety checker packaged
+        assert decode(row["generated_image"]).size == (64, 64)  # params applied
+
+
+def test_the_platform_installs_the_artifacts_requirements_over_its_own(venv, artifact):
+    """What the MLmodel asks for is what this venv has: the artifact's requirements file, satisfied."""
+    written = [Requirement(line) for line in (artifact / "requirements.txt").read_text().split()]
+    assert written == [Requirement(line) for line in requirements()]  # MLflow normalises the order of specifiers
+    assert unmet_requirements(venv, requirements()) == []
+
+
+def test_our_scoring_script_takes_the_azure_body_as_it_is(scoring_script):
+    objects = scoring_script.score(BODY)
+    assert objects.status_code == 200, objects.text[:2000]
+    check_rows(objects.json(), BODY)
+    lists = scoring_script.score(as_lists(BODY))
+    assert lists.status_code == 200, lists.text[:2000]
+    assert lists.json() == objects.json()  # same rows, same seeds → the same bytes
+
+
+def test_our_scoring_script_reads_azures_sample_client_images(scoring_script):
+    """Azure's image-to-image sample client sends ``base64.encodebytes`` text: a newline every 76 characters."""
+    body = copy.deepcopy(BODY)
+    wrapped = base64.encodebytes(base64.b64decode(IMAGE)).decode()
+    assert "\n" in wrapped
+    body["input_data"]["data"][1]["image"] = wrapped
+    response = scoring_script.score(body)
+    assert response.status_code == 200, response.text[:2000]
+    assert response.json() == scoring_script.score(BODY).json()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {**BODY, "input_data": {"columns": ["prompt", "image"], "data": [["a cat", None], ["a dog", "!!"]]}},
+            ["Row 1: 'image': not valid base64: invalid character '!' at position 0"],
+        ),
+        ({**BODY, "params": {**PARAMS, "num_inference_steps": "five"}}, ["num_inference_steps"]),
+        ({"input_data": {"columns": ["prompt"], "data": [["a", "b"]]}}, ["not an Azure ML input_data request"]),
+        ({"inputs": {"prompt": ["a cat"]}}, ["input_data"]),
+        ("not json", ["not an Azure ML input_data request"]),
+    ],
+    ids=["bad image in row 1", "bad param", "row longer than the columns", "no input_data", "not JSON"],
+)
+def test_our_scoring_script_answers_bad_input_with_400_and_keeps_serving(scoring_script, body, expected):
+    response = scoring_script.score(body)
+    assert response.status_code == 400, response.text[:2000]
+    for text in expected:
+        assert text in response.json()["message"]
+    assert requests.get(f"{scoring_script.url}/", timeout=10).status_code == 200
+    assert scoring_script.score(as_lists(BODY)).status_code == 200
+
+
+def test_no_code_the_generic_mlflow_script_boots_and_serves_the_azure_body(no_code, scoring_script):
+    for body in (BODY, as_lists(BODY)):
+        response = no_code.score(body)
+        assert response.status_code == 200, response.text[:2000]
+        check_rows(response.json(), body)
+        assert response.json() == scoring_script.score(body).json()
+
+
+def test_no_code_needs_pandas_before_3_to_read_the_input_example(venv):
+    """Azure's generic script reads the input example with ``pandas.read_json(<literal JSON>)``; pandas 3 reads
+    it as a file name. The artifact's requirements (``pandas<3``) keep pandas 2 in the platform's venv."""
+    probe = 'import pandas as pd; pd.read_json(\'{"columns": ["a"], "data": [[1]]}\', orient=\'split\')'
+    result = subprocess.run([str(venv / "bin" / "python"), "-W", "ignore", "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

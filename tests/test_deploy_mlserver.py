@@ -1,0 +1,106 @@
+"""KServe / MLServer: ``mlserver start <artifact>`` on 127.0.0.1 serves the Open Inference Protocol V2
+over REST, in a venv made as the MLServer image is (MLServer + its MLflow runtime, then the artifact's
+requirements). The artifact carries its ``model-settings.json`` and runtime class (``artifacts/mlserver/``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from helpers import FAST, decode, png_b64
+from platforms import MLSERVER, server_env, unmet_requirements
+from processes import free_port, running
+
+from sdxl_tools.artifact import requirements
+
+pytestmark = pytest.mark.platform(MLSERVER.name)
+
+
+def v2(*inputs: dict, **params) -> dict:
+    return {"inputs": list(inputs), "parameters": params}
+
+
+def column(name: str, data: list, datatype: str = "BYTES") -> dict:
+    return {"name": name, "shape": [len(data)], "datatype": datatype, "data": data}
+
+
+def outputs(response: requests.Response) -> dict[str, dict]:
+    assert response.status_code == 200, response.text[:2000]
+    return {output["name"]: output for output in response.json()["outputs"]}
+
+
+class MLServer:
+    def __init__(self, url: str):
+        self.url = url
+
+    def infer(self, body: dict) -> requests.Response:
+        return requests.post(f"{self.url}/v2/models/sdxl/infer", json=body, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def venv(platform_venv) -> Path:
+    return platform_venv(MLSERVER.name)
+
+
+@pytest.fixture(scope="module")
+def server(venv, artifact, tmp_path_factory) -> Iterator[MLServer]:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    env = server_env(
+        venv,
+        MLSERVER_HOST="127.0.0.1",
+        MLSERVER_HTTP_PORT=str(http),
+        MLSERVER_GRPC_PORT=str(grpc),
+        MLSERVER_METRICS_PORT=str(metrics),
+    )
+    url = f"http://127.0.0.1:{http}"
+    log = tmp_path_factory.mktemp("mlserver") / "log"
+    with running(
+        [str(venv / "bin" / "mlserver"), "start", str(artifact)], f"{url}/v2/models/sdxl/ready", log, env, 420
+    ):
+        yield MLServer(url)
+
+
+def test_the_image_holds_the_artifacts_requirements(venv):
+    assert unmet_requirements(venv, requirements()) == []
+
+
+def test_v2_rest_returns_every_output_column_with_nulls_and_applies_request_parameters(server):
+    out = outputs(server.infer(v2(column("prompt", ["a cat", "a dog"]), **FAST, seed=7)))
+    assert list(out) == ["prompt", "generated_image", "nsfw_content_detected", "seed"]
+    assert out["prompt"]["data"] == ["a cat", "a dog"]
+    assert out["nsfw_content_detected"] == {**out["nsfw_content_detected"], "datatype": "BOOL", "data": [None, None]}
+    assert out["seed"]["datatype"] == "INT64" and out["seed"]["data"] == [7, 8]
+    assert [decode(image).size for image in out["generated_image"]["data"]] == [(64, 64), (64, 64)]  # height/width
+
+
+def test_same_seed_same_bytes(server):
+    body = v2(column("prompt", ["a cat"]), **FAST, seed=11)
+    assert outputs(server.infer(body))["generated_image"] == outputs(server.infer(body))["generated_image"]
+
+
+def test_per_row_inputs_and_on_error_null(server):
+    """Optional per-row columns as V2 inputs (``""``: no image); a bad row gets null image and its error."""
+    body = v2(
+        column("prompt", ["a cat", "a dog", "a fox"]),
+        column("image", ["", png_b64(), "!!"]),
+        column("seed", [5, 6, 9], "INT64"),
+        **FAST,
+        on_error="null",
+    )
+    out = outputs(server.infer(body))
+    assert out["seed"]["data"] == [5, 6, None]  # a row refused while parsing has no seed
+    assert out["generated_image"]["data"][2] is None
+    assert out["error"]["data"][:2] == [None, None]
+    assert "'image': not valid base64: invalid character '!'" in out["error"]["data"][2]
+    assert decode(out["generated_image"]["data"][1]).size == (96, 64)  # img2img at the input image's size
+
+
+def test_bad_input_is_a_400_naming_the_row_and_field_and_the_server_keeps_serving(server):
+    bad_row = server.infer(v2(column("prompt", ["a cat", "a dog"]), column("image", ["", "!!"]), **FAST))
+    assert bad_row.status_code == 400
+    assert "Row 1: 'image': not valid base64" in bad_row.text
+    bad_param = server.infer(v2(column("prompt", ["a cat"]), num_inference_steps=0))
+    assert bad_param.status_code == 400 and "num_inference_steps" in bad_param.text
+    assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
