@@ -48,7 +48,7 @@ class ImageError(ValueError):
 def decode_image(
     text: str, *, max_bytes: int, max_pixels: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 ) -> Image.Image:
-    """Decode a base64 string or ``data:image/...;base64,`` URI into an RGB image."""
+    """Decode a base64 string (any form :func:`decode_base64` reads) into an RGB image."""
     if _URL.match(text.strip()):
         raise ImageError("URLs are not fetched; send the image inline as base64 or a data:image/...;base64, URI")
     raw = decode_base64(text, max_bytes)

@@ -9,7 +9,8 @@ staged beside the pipelines.
 
 The MLflow model is models-from-code: ``model_pkg/model.py`` with ``model_pkg/`` as its only
 ``code_paths`` entry (this package is never shipped), the signature derived from
-``model_pkg.contract``, pinned requirements and an input example from ``MLmodel_template/``.
+``model_pkg.contract``, requirements and an input example from ``MLmodel_template/``, and MLServer's
+model settings with their runtime class (``deploy/mlserver/``, as the ``mlserver`` artifact).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Serving platforms' virtualenvs for the deploy tests and benchmark, built as the platforms build them.
 
-Each platform's venv gets its server packages first (``deploy/azureml/server-packages.txt``: what Azure
-ML's curated MLflow inference image holds; ``deploy/kserve/server-packages.txt``: the MLServer image
-for KServe), then the artifact's
-requirements on top (what Azure ML's dynamic install and ``mlserver build`` do). ``torch`` comes first
-and exact, so that the machine's CPU wheel is used (a resolver left alone pulls a multi-GB CUDA build).
+Each gets the platform's server packages first (``deploy/azureml/server-packages.txt``: what Azure ML's
+curated MLflow inference image holds; ``deploy/kserve/server-packages.txt``: the MLServer image for
+KServe), then the artifact's requirements on top (what Azure ML's dynamic install and ``mlserver
+build`` do). ``torch`` comes first and exact, so that the machine's CPU wheel is used (a resolver left
+alone pulls a multi-GB CUDA build).
 
 A venv takes minutes to build (2.2 GB; pip's HTTP cache does not fill behind some proxies), so each is
 built once per machine under ``~/.cache/sdxl-pyfunc/venvs/<platform>-<hash>``, the hash covering the
@@ -85,7 +85,10 @@ def _build(platform: Platform, path: Path) -> None:
     start = time.monotonic()
     with log.open("w") as out:
         commands = [[sys.executable, "-m", "venv", str(path)]]
+        # --no-compile: pip's byte-compiling of every module is most of the install time (torch: 55 s of
+        # 64 s); Python compiles the modules a server imports when it first imports them
         pip = [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        pip += ["--no-compile"]
         commands += [pip + layer for layer in platform.layers()]
         commands += [[str(path / "bin" / "python"), "-c", platform.smoke]]
         for command in commands:

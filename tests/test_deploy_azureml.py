@@ -61,14 +61,14 @@ class Azmlinfsrv:
         return requests.post(f"{self.url}/score", data=data, headers={"Content-Type": "application/json"}, timeout=300)
 
 
-def serve(venv: Path, artifact: Path, entry_script: Path, log: Path) -> Iterator[Azmlinfsrv]:
+def serve(venv: Path, artifact: Path, entry_script: Path, log: Path, **extra: str) -> Iterator[Azmlinfsrv]:
     port = free_port()
     env = server_env(
         venv,
-        AZUREML_MODEL_DIR=str(artifact.parent),
-        MLFLOW_MODEL_FOLDER=artifact.name,  # set by Azure for no-code deployments; score.py also finds it alone
+        AZUREML_MODEL_DIR=str(artifact.parent),  # the registered model's folder
         AML_APP_ROOT=str(ROOT),  # the deployment's code folder (deployment.yml: code: ../..)
         WORKER_TIMEOUT="600",
+        **extra,
     )
     args = [str(venv / "bin" / "python"), str(TESTS / "azmlinfsrv_loopback.py")]
     args += ["--entry_script", str(entry_script), "--port", str(port)]
@@ -83,12 +83,15 @@ def venv(platform_venv) -> Path:
 
 @pytest.fixture(scope="module")
 def scoring_script(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
+    """score.py finds the MLflow model folder under AZUREML_MODEL_DIR itself."""
     yield from serve(venv, artifact, ROOT / "deploy" / "azureml" / "score.py", tmp_path_factory.mktemp("az") / "log")
 
 
 @pytest.fixture(scope="module")
 def no_code(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
-    yield from serve(venv, artifact, TESTS / "azureml_generic.py", tmp_path_factory.mktemp("az") / "log")
+    """Azure sets MLFLOW_MODEL_FOLDER for no-code deployments."""
+    log = tmp_path_factory.mktemp("az") / "log"
+    yield from serve(venv, artifact, TESTS / "azureml_generic.py", log, MLFLOW_MODEL_FOLDER=artifact.name)
 
 
 def check_rows(rows: list[dict], body: dict) -> None:
