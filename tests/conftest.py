@@ -30,6 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the background (minutes, the first time on a machine; see platforms.py)."""
     items.sort(key=lambda item: item.get_closest_marker("platform") is not None)  # stable: order kept otherwise
     wanted = {marker.args[0] for item in items for marker in item.iter_markers("platform")}
+    if config.option.collectonly:  # nothing will run: nothing to build
+        wanted = set()
     pool = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="platform-venv")
     config.stash[PLATFORM_VENVS] = {
         p.name: pool.submit(platforms.venv, p) for p in platforms.PLATFORMS if p.name in wanted
