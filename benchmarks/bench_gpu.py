@@ -81,10 +81,9 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from sdxl_tools.artifact import save_artifact, stage_components
-
     from model_pkg.config import ModelConfig
     from model_pkg.pipelines import choose_device_dtype
+    from sdxl_tools.artifact import save_artifact, stage_components
 
     cuda = torch.cuda.is_available()
     device, dtype = choose_device_dtype(ModelConfig())  # what the model picks with the default config
