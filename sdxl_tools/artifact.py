@@ -369,6 +369,7 @@ def save_artifact(
     and the staged folder is spent. Every other weight file is copied.
     """
     output = Path(output)
+    output.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".sdxl-skeleton-", dir=output.resolve().parent) as tmp:
         skeleton = Path(tmp) / staged.folder.name
         for path in sorted(staged.folder.rglob("*")):
