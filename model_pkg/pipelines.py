@@ -155,8 +155,10 @@ def apply_options(base: DiffusionPipeline, refiner: DiffusionPipeline, config: M
         for pipe in (base, refiner):
             pipe.to(device)
     if config.compile != "none":
-        for pipe in (base, refiner):
-            pipe.unet = torch.compile(pipe.unet, mode=config.compile_mode)
+        for unet in unets:
+            # in place: the UNet stays a diffusers model, so LoRA switching (enable/disable_lora,
+            # set_adapters) still reaches it; a torch.compile wrapper would be skipped by diffusers
+            unet.compile(mode=config.compile_mode)
         if config.compile == "unet+vae":
             for vae in vaes:
                 vae.decode = torch.compile(vae.decode, mode=config.compile_mode)
