@@ -61,7 +61,9 @@ class GenerationParams(BaseModel):
         description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
         "(denoising_end/denoising_start); sequential: base then refiner img2img",
     )
-    refiner_ratio: float = Field(0.2, gt=0, lt=1, description="ensemble: fraction of the steps run by the refiner")
+    refiner_ratio: float = Field(
+        0.2, gt=0, lt=1, description="ensemble: the refiner runs the schedule below timestep 1000 × (1 - ratio)"
+    )
     num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
     num_inference_steps_refiner: int = Field(
         -1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps"

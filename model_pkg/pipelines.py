@@ -123,7 +123,12 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     if manifest.get(K.SAFETY_CHECKER):
         checker = SafetyChecker.load(root / manifest[K.SAFETY_CHECKER], device, dtype)
     catalog = load_catalog(
-        root, base, manifest.get(K.STYLES), manifest.get(K.LORAS) or {}, manifest.get(K.HASHES) or {}
+        root,
+        base,
+        manifest.get(K.STYLES),
+        manifest.get(K.LORAS) or {},
+        manifest.get(K.HASHES) or {},
+        refiner.scheduler,
     )
     return Pipelines(base=base, refiner=refiner, safety_checker=checker, device=device, dtype=dtype, catalog=catalog)
 

@@ -18,6 +18,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from pydantic import ValidationError
 
+from model_pkg import schedulers as schedulers_
 from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
 from model_pkg.contract import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
@@ -144,19 +145,6 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         mode = p.refiner
         width, height = _size(p)
 
-    img2img_steps = {"img2img": p.num_inference_steps, "sequential": steps_refiner}.get(mode)
-    if img2img_steps is not None and int(img2img_steps * p.strength) < 1:
-        steps_name = "num_inference_steps" if mode == "img2img" else "num_inference_steps_refiner"
-        raise ValueError(
-            f"'strength' {p.strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
-        )
-    if mode == "ensemble":
-        refiner_steps = round(p.num_inference_steps * p.refiner_ratio)
-        if not 1 <= refiner_steps < p.num_inference_steps:
-            raise ValueError(
-                f"'refiner_ratio' {p.refiner_ratio} × 'num_inference_steps' {p.num_inference_steps} must leave "
-                "at least one step to the base and one to the refiner; raise num_inference_steps"
-            )
     return Settings(
         mode=mode,
         height=height,
@@ -177,8 +165,84 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
     )
 
 
+Schedulers = tuple[Any, Any]  # the packaged (base, refiner) schedulers that steps are planned on
+
+
+def handoff(s: Settings) -> float:
+    """``denoising_end`` of the base and ``denoising_start`` of the refiner in an ensemble."""
+    return 1.0 - s.refiner_ratio
+
+
+def stage_steps(s: Settings, schedulers: Schedulers) -> dict[str, int]:
+    """Denoising steps each stage of ``s.mode`` runs, as diffusers decides them on the real schedule
+    of the chosen scheduler and spacing (loop iterations: what ``callback_on_step_end`` sees)."""
+    base, refiner = schedulers
+
+    def on(packaged: Any, steps: int, field: str = "num_inference_steps") -> schedulers_.Schedule:
+        try:
+            return schedulers_.schedule(packaged, s.scheduler, s.timestep_spacing, steps)
+        except Exception as e:  # diffusers' set_timesteps refuses some counts (PNDM: fewer than 4 steps)
+            raise ValueError(
+                f"'{field}' {steps}: scheduler '{s.scheduler}' cannot make a schedule of {steps} steps "
+                f"({type(e).__name__}: {e})"
+            ) from None
+
+    steps, steps_refiner = s.num_inference_steps, s.num_inference_steps_refiner
+    if s.mode == "none":
+        return {"base": len(on(base, steps).timesteps)}
+    if s.mode == "ensemble":
+        return {
+            "base": schedulers_.steps_until(on(base, steps), handoff(s)),
+            "refiner": schedulers_.steps_from(on(refiner, steps), handoff(s)),
+        }
+    if s.mode == "sequential":
+        return {
+            "base": len(on(base, steps).timesteps),
+            "refiner": schedulers_.steps_with_strength(
+                on(refiner, steps_refiner, "num_inference_steps_refiner"), steps_refiner, s.strength
+            ),
+        }
+    if s.mode == "img2img":
+        return {"refiner": schedulers_.steps_with_strength(on(refiner, steps), steps, s.strength)}
+    raise ValueError(f"unknown mode {s.mode!r}")
+
+
+def check_steps(s: Settings, schedulers: Schedulers) -> None:
+    """Every stage of the mode must run at least one denoising step; raises ``ValueError`` naming the params."""
+    img2img_steps = {"img2img": s.num_inference_steps, "sequential": s.num_inference_steps_refiner}.get(s.mode)
+    if img2img_steps is not None and int(img2img_steps * s.strength) < 1:
+        steps_name = "num_inference_steps" if s.mode == "img2img" else "num_inference_steps_refiner"
+        raise ValueError(
+            f"'strength' {s.strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
+        )
+    planned = stage_steps(s, schedulers)
+    empty = [stage for stage, steps in planned.items() if steps == 0]
+    if not empty:
+        return
+    if s.mode == "ensemble":
+        cutoff = schedulers_.handoff_timestep(
+            schedulers_.schedule(schedulers[0], s.scheduler, s.timestep_spacing, s.num_inference_steps), handoff(s)
+        )
+        raise ValueError(
+            f"'refiner_ratio' {s.refiner_ratio} with 'num_inference_steps' {s.num_inference_steps} leaves the "
+            f"{empty[0]} no denoising step: the refiner takes over at timestep {cutoff}, which splits the "
+            f"'{s.scheduler}' schedule ('timestep_spacing' {s.timestep_spacing}) into {planned['base']} base and "
+            f"{planned['refiner']} refiner steps; raise num_inference_steps or move refiner_ratio towards 0.5"
+        )
+    raise ValueError(f"'num_inference_steps' {s.num_inference_steps} leaves the {empty[0]} no denoising step")
+
+
+def _schedulers(catalog: Catalog | None) -> Schedulers:
+    return catalog.schedulers if catalog is not None else Catalog().schedulers
+
+
+def _image_given(value: Any) -> bool:
+    """Absent, null and blank values mean a text-to-image row."""
+    return _present(value) and not (isinstance(value, str) and not value.strip())
+
+
 def _image(value: Any, limits: ModelConfig) -> Image.Image | None:
-    if not _present(value) or (isinstance(value, str) and not value.strip()):
+    if not _image_given(value):
         return None
     if not isinstance(value, str):
         raise ValueError(f"'image' must be a base64 string, got {type(value).__name__}")
@@ -235,6 +299,7 @@ def parse_row(
         else:
             seed = _random_seed()
         settings = _settings(params, limits, image)
+        check_steps(settings, _schedulers(catalog))
         text = resolve_row(params, prompt, negative_prompt, catalog)
         settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
     except ValueError as e:
@@ -266,8 +331,10 @@ def parse_request(
         check_request(request, catalog)
     except ValueError as e:
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
+    frame = to_frame(model_input, limits)
+    _check_modes(request, frame, limits, catalog)
     rows: list[RowSpec | RowError] = []
-    for i, record in enumerate(to_frame(model_input, limits).to_dict("records")):
+    for i, record in enumerate(frame.to_dict("records")):
         try:
             rows.append(parse_row(i, record, request, limits, catalog))
         except RowError as e:
@@ -275,6 +342,21 @@ def parse_request(
                 raise
             rows.append(e)
     return Request(request, rows)
+
+
+def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelConfig, catalog: Catalog | None) -> None:
+    """The request's params must give every stage a step in each mode its rows run (text-to-image rows:
+    ``refiner``; image rows: img2img). A row's own columns are checked with that row."""
+    images = [_image_given(v) for v in frame["image"]] if "image" in frame.columns else [False]
+    settings = _settings(request, limits, None)
+    modes = {settings.mode} if not all(images) else set()
+    if any(images):
+        modes.add("img2img")
+    try:
+        for mode in sorted(modes):
+            check_steps(replace(settings, mode=mode), _schedulers(catalog))
+    except ValueError as e:
+        raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
 
 
 def to_frame(model_input: Any, limits: ModelConfig) -> pd.DataFrame:

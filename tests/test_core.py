@@ -132,7 +132,7 @@ def count_steps(model, rows: pd.DataFrame, params: dict) -> tuple[Counter, int]:
     steps: Counter = Counter()
     batches = plan_batches(specs, 8)
     for batch in batches:
-        generate_batch(python_model.pipelines, batch, on_step=lambda stage, i: steps.update([stage]))
+        generate_batch(python_model.pipelines, batch, on_step=lambda stage, i, pipe: steps.update([stage]))
     return steps, len(batches)
 
 
