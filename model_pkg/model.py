@@ -30,7 +30,7 @@ from model_pkg.generation import generate_batch, plan_batches, warm_up
 from model_pkg.images import encode_output
 from model_pkg.pipelines import Pipelines, load_pipelines
 from model_pkg.prompts import truncation_warnings
-from model_pkg.request import RowError, RowSpec, parse_request
+from model_pkg.request import RowError, RowSpec, check_whole_request, parse_request
 from model_pkg.safety import filter_images
 from model_pkg.spark_nulls import preserve_struct_nulls
 
@@ -49,6 +49,11 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         self._lock = threading.Lock()
         preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
 
+    def check_request(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
+        """Only the request-level checks of :meth:`predict` (no row is generated): raises the
+        ``MlflowException`` that ``predict`` would for the whole request, e.g. before a batch job writes."""
+        check_whole_request(model_input, params, self.config, self.pipelines.catalog)
+
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""
         pipes = self.pipelines
@@ -60,7 +65,9 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
             if request.params.prompt_weighting == "off":  # "auto" encodes long prompts whole
                 truncation_warnings(rows, [pipes.base.tokenizer, pipes.base.tokenizer_2])
             results = {
-                e.row: RowResult(e.prompt, None, None, None, e.reason) for e in request.rows if isinstance(e, RowError)
+                e.row: RowResult(e.prompt, None, None, e.seed, e.reason)
+                for e in request.rows
+                if isinstance(e, RowError)
             }
 
             # 2. plan: rows that share settings are one pipeline call

@@ -78,11 +78,12 @@ class RowSpec:
 class RowError(MlflowException):
     """A row that cannot be generated; ``row`` is its position in the input."""
 
-    def __init__(self, row: int, message: str, prompt: str | None = None):
+    def __init__(self, row: int, message: str, prompt: str | None = None, seed: int | None = None):
         super().__init__(f"Row {row}: {message}", error_code=INVALID_PARAMETER_VALUE)  # HTTP 400
         self.row = row
         self.reason = message
         self.prompt = prompt  # echoed in the output row when it is a string
+        self.seed = seed  # the seed the row was given (its column, or request seed + row), if any
 
 
 def _present(value: Any) -> bool:
@@ -98,6 +99,27 @@ def _python(value: Any) -> Any:
 
 def _random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
+
+
+def _given_seed(index: int, row_seed: int, request: GenerationParams) -> int | None:
+    """The row's own seed, else request seed + row; None when neither is given (-1): draw one."""
+    if row_seed != -1:
+        return row_seed
+    if request.seed == -1:
+        return None
+    if request.seed + index > MAX_SEED:
+        raise ValueError(f"request 'seed' {request.seed} + row {index} is over {MAX_SEED}; pass per-row seeds")
+    return request.seed + index
+
+
+def _seed_of_failed(index: int, row: dict[str, Any], request: GenerationParams) -> int | None:
+    """The seed a failed row was given, so that it is returned with its error; None when it had no valid one."""
+    value = row.get("seed")
+    try:
+        own = GenerationParams(seed=_python(value)).seed if _present(value) else -1
+        return _given_seed(index, own, request)
+    except (ValidationError, ValueError):
+        return None
 
 
 def _check_size(height: int, width: int, limits: ModelConfig, what: str) -> None:
@@ -290,13 +312,8 @@ def parse_row(
             raise ValueError(format_error(e, "column").removeprefix("column ")) from None
         negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
         image = _image(row.get("image"), limits)
-        if "seed" in overrides and params.seed != -1:
-            seed = params.seed
-        elif request.seed != -1:
-            seed = request.seed + index
-            if seed > MAX_SEED:
-                raise ValueError(f"request 'seed' {request.seed} + row {index} is over {MAX_SEED}; pass per-row seeds")
-        else:
+        seed = _given_seed(index, params.seed if "seed" in overrides else -1, request)
+        if seed is None:
             seed = _random_seed()
         settings = _settings(params, limits, image)
         check_steps(settings, _schedulers(catalog))
@@ -304,7 +321,8 @@ def parse_row(
         settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
     except ValueError as e:
         prompt = row.get("prompt")
-        raise RowError(index, str(e), prompt if isinstance(prompt, str) else None) from None
+        seed = _seed_of_failed(index, row, request)
+        raise RowError(index, str(e), prompt if isinstance(prompt, str) else None, seed) from None
     return RowSpec(
         index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt
     )
@@ -321,6 +339,24 @@ def parse_request(
 ) -> Request:
     """Validate a whole request. With ``on_error="raise"`` the first bad row raises with its row number;
     with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
+    request, frame = check_whole_request(model_input, params, limits, catalog)
+    rows: list[RowSpec | RowError] = []
+    for i, record in enumerate(frame.to_dict("records")):
+        try:
+            rows.append(parse_row(i, record, request, limits, catalog))
+        except RowError as e:
+            if request.on_error == "raise":
+                raise
+            rows.append(e)
+    return Request(request, rows)
+
+
+def check_whole_request(
+    model_input: Any, params: dict | None, limits: ModelConfig, catalog: Catalog | None = None
+) -> tuple[GenerationParams, pd.DataFrame]:
+    """The request-level checks: params, limits, the input's shape, and the steps of the modes its rows
+    run with the request's params. They raise ``MlflowException`` naming the param (never ``Row N:``),
+    also with ``on_error="null"``, before any row is generated (a batch job runs them before writing)."""
     if params is not None and not isinstance(params, dict):
         raise MlflowException.invalid_parameter_value(
             f"Params must be a mapping of names to values, got {type(params).__name__}"
@@ -333,25 +369,22 @@ def parse_request(
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
     frame = to_frame(model_input, limits)
     _check_modes(request, frame, limits, catalog)
-    rows: list[RowSpec | RowError] = []
-    for i, record in enumerate(frame.to_dict("records")):
-        try:
-            rows.append(parse_row(i, record, request, limits, catalog))
-        except RowError as e:
-            if request.on_error == "raise":
-                raise
-            rows.append(e)
-    return Request(request, rows)
+    return request, frame
+
+
+STEP_FIELDS = ("num_inference_steps", "strength")  # the row columns that change how many steps a row runs
 
 
 def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelConfig, catalog: Catalog | None) -> None:
-    """The request's params must give every stage a step in each mode its rows run (text-to-image rows:
-    ``refiner``; image rows: img2img). A row's own columns are checked with that row."""
-    images = [_image_given(v) for v in frame["image"]] if "image" in frame.columns else [False]
+    """The request's params must give every stage a step in each mode run by a row that relies on them
+    (text-to-image rows: ``refiner``; image rows: img2img). Rows with their own steps or strength are
+    checked as rows."""
+    own = pd.Series(False, index=frame.index)
+    for field in (f for f in STEP_FIELDS if f in frame.columns):
+        own |= frame[field].map(_present).astype(bool)
+    images = frame["image"].map(_image_given).astype(bool) if "image" in frame.columns else own & False
     settings = _settings(request, limits, None)
-    modes = {settings.mode} if not all(images) else set()
-    if any(images):
-        modes.add("img2img")
+    modes = {"img2img" if image else settings.mode for image in images[~own]}
     try:
         for mode in sorted(modes):
             check_steps(replace(settings, mode=mode), _schedulers(catalog))

@@ -154,6 +154,15 @@ def test_request_errors_fail_the_model_before_any_row_and_row_overrides_stay_row
     assert out["error"][1].startswith("'refiner_ratio' 0.2 with 'num_inference_steps' 1 leaves the base no")
 
 
+def test_the_model_runs_the_request_checks_alone_for_batch_jobs(model):
+    """``check_request`` raises what ``predict`` raises for the whole request, without generating."""
+    python_model = model.unwrap_python_model()
+    rows = frame({"prompt": "a cat"}, {"prompt": "a dog", "num_inference_steps": 1})
+    python_model.check_request(rows, FAST | {"on_error": "null"})  # row 1's own steps: a row error later
+    with pytest.raises(MlflowException, match=r"^Invalid param 'refiner_ratio' 0.2 with 'num_inference_steps' 1 "):
+        python_model.check_request(rows, FAST | {"num_inference_steps": 1, "on_error": "null"})
+
+
 def test_request_checks_follow_the_modes_the_rows_run():
     """Image rows run img2img whatever ``refiner`` says: one step at strength 1 is a valid image row,
     and the ensemble split is only checked when a row runs text-to-image."""
@@ -165,3 +174,8 @@ def test_request_checks_follow_the_modes_the_rows_run():
         parse_request(frame({"prompt": "a", "image": None}, {"prompt": "b"}), params, ModelConfig())
     with pytest.raises(MlflowException, match=r"^Invalid param 'strength' 0.3 × 'num_inference_steps' 3 leaves no"):
         parse_request(image_only, FAST | {"num_inference_steps": 3}, ModelConfig())
+    # rows with their own steps or strength do not rely on the request's: checked (and failing) as rows
+    own = frame({"prompt": "a", "num_inference_steps": 1}, {"prompt": "b", "image": png_b64(), "strength": 0.05})
+    a, b = parse_request(own, FAST | {"on_error": "null"}, ModelConfig()).rows
+    assert str(a).startswith("Row 0: 'refiner_ratio' 0.2 with 'num_inference_steps' 1 leaves the base no")
+    assert str(b).startswith("Row 1: 'strength' 0.05 × 'num_inference_steps' 10 leaves no denoising step")
