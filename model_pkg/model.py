@@ -81,11 +81,22 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
                     images, flags = filter_images(outcome, pipes.safety_checker, done[0].settings.safety_filter)
                     # 5. encode
                     for row, image, flag in zip(done, images, flags, strict=True):
-                        encoded = encode_output(image, row, pipes.catalog)
-                        results[row.index] = RowResult(row.prompt, encoded, flag, row.seed)
+                        results[row.index] = encode_result(row, image, flag, pipes.catalog, keep_going)
 
         # 6. frame: one output row per input row, in input order
         return output_frame([results[i] for i in range(len(request.rows))], with_errors=keep_going)
+
+
+def encode_result(row: RowSpec, image: Image.Image, flag: bool | None, catalog: Any, keep_going: bool) -> RowResult:
+    """The output row of a generated image. Parsing refuses what the encoders cannot write, so a failure
+    here is unexpected: it is the row's error with ``on_error="null"``, else it fails the request naming the row."""
+    try:
+        return RowResult(row.prompt, encode_output(image, row, catalog), flag, row.seed)
+    except Exception as e:
+        message = f"encoding failed: {type(e).__name__}: {e}"
+        if not keep_going:
+            raise MlflowException(f"Row {row.index}: {message}", error_code=INTERNAL_ERROR) from e
+        return RowResult(row.prompt, None, None, row.seed, message)
 
 
 def _generate(

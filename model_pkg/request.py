@@ -22,7 +22,7 @@ from model_pkg import schedulers as schedulers_
 from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
 from model_pkg.contract import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
-from model_pkg.images import ImageError, decode_image
+from model_pkg.images import ImageError, check_encodable, decode_image
 
 VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
 
@@ -148,6 +148,7 @@ def check_limits(p: GenerationParams, limits: ModelConfig) -> None:
             raise ValueError(f"'{name}' {steps} is over the limit of {limits.max_steps} (max_steps)")
     width, height = _size(p)
     _check_size(height, width, limits, "'height'/'width'")
+    check_encodable(p.output_format, width, height)
 
 
 def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | None) -> Settings:
@@ -163,6 +164,7 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         if min(width, height) < 64:
             raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least 64×64 is needed")
         _check_size(height, width, limits, "'image'")
+        check_encodable(p.output_format, width, height)
     else:
         mode = p.refiner
         width, height = _size(p)
