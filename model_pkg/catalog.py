@@ -160,6 +160,9 @@ def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog
             raise ValueError(f"'prompt': adapter {sorted(twice)[0]!r} is selected by both 'lora' and a <lora:...> tag")
         selection = tuple(sorted(selection + tagged))
     chunks = 0
+    if params.prompt_weighting == "auto":  # "off": the text goes to diffusers as it is, weights included
+        prompts.check_weights(prompt, "prompt")
+        prompts.check_weights(negative_prompt, "negative_prompt")
     if params.prompt_weighting == "auto" and catalog.tokenizers:
         chunks = prompts.needs_chunked_encoding([styled, styled_negative], catalog.tokenizers)
     return RowText(
