@@ -343,13 +343,23 @@ def parse_request(
     with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
     request, frame = check_whole_request(model_input, params, limits, catalog)
     rows: list[RowSpec | RowError] = []
+    image_pixels = 0  # decoded input images are held until the request ends: bounded per request
     for i, record in enumerate(frame.to_dict("records")):
         try:
-            rows.append(parse_row(i, record, request, limits, catalog))
+            row = parse_row(i, record, request, limits, catalog)
         except RowError as e:
             if request.on_error == "raise":
                 raise
             rows.append(e)
+            continue
+        if row.image is not None:
+            image_pixels += row.image.width * row.image.height
+            if image_pixels > limits.max_request_image_pixels:
+                raise MlflowException.invalid_parameter_value(
+                    f"The input images pass the request's budget of {limits.max_request_image_pixels} decoded "
+                    f"pixels (max_request_image_pixels) at row {i}; send fewer or smaller images per request"
+                )
+        rows.append(row)
     return Request(request, rows)
 
 
