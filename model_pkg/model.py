@@ -50,9 +50,12 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
 
     def check_request(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
-        """Only the request-level checks of :meth:`predict` (no row is generated): raises the
-        ``MlflowException`` that ``predict`` would for the whole request, e.g. before a batch job writes."""
-        check_whole_request(model_input, params, self.config, self.pipelines.catalog)
+        """Only the request-level checks of :meth:`predict`, generating nothing: raises the ``MlflowException``
+        that ``predict`` would raise for the whole request. Any number of rows: a batch job checks its whole
+        input before it writes anything, then sends it in chunks of at most ``max_rows``."""
+        rows = len(model_input) if isinstance(model_input, pd.DataFrame) else 0
+        limits = self.config.model_copy(update={"max_rows": max(self.config.max_rows, rows)})
+        check_whole_request(model_input, params, limits, self.pipelines.catalog)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""

@@ -161,6 +161,8 @@ def test_the_model_runs_the_request_checks_alone_for_batch_jobs(model):
     python_model.check_request(rows, FAST | {"on_error": "null"})  # row 1's own steps: a row error later
     with pytest.raises(MlflowException, match=r"^Invalid param 'refiner_ratio' 0.2 with 'num_inference_steps' 1 "):
         python_model.check_request(rows, FAST | {"num_inference_steps": 1, "on_error": "null"})
+    many = frame(*[{"prompt": "a cat"}] * (python_model.config.max_rows + 1))  # a whole batch input
+    python_model.check_request(many, FAST)
 
 
 def test_request_checks_follow_the_modes_the_rows_run():
