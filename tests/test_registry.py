@@ -394,5 +394,8 @@ def test_a_killed_gate_leaves_no_copy_of_the_artifact(sqlite_registry, tmp_path)
             assert (gate.returncode, copies()) == (128 + signal.SIGTERM, [])
         else:
             assert gate.returncode == -signal.SIGKILL and len(copies()) == 1  # nothing runs after a SIGKILL
-            with scratch_dir(temp):
+            with scratch_dir(temp) as mine:
                 assert copies() == []  # removed: its process is gone
+                with scratch_dir(temp):
+                    assert mine.is_dir()  # a running process's folder stays
+            assert not mine.exists()
