@@ -47,7 +47,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         # each call, and the fast CLIP tokenizers (used while parsing and generating) are not
         # thread-safe (transformers#47085, "Already borrowed"). Scale with server workers.
         self._lock = threading.Lock()
-        preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
+        preserve_struct_nulls()  # in a Spark task only: on_error="null" rows keep real nulls (see spark_nulls.py)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""
