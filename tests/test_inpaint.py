@@ -72,6 +72,11 @@ def test_far_from_the_mask_the_output_is_the_input_exactly(model, refiner, size,
     after = np.asarray(image.convert("RGB"), dtype=np.int16)
     far = far_from(BOX, size, margin=3 * mask_blur)  # a Gaussian of radius r reaches ~2.5 r
     np.testing.assert_array_equal(after[far], before[far])
+    ring = far_from(BOX, size, margin=0) & ~far_from(BOX, size, margin=2)  # the 2 px just outside the mask
+    if mask_blur:
+        assert (after[ring] != before[ring]).any()  # feathered: the generated pixels fade out past the edge
+    else:
+        np.testing.assert_array_equal(after[ring], before[ring])  # a hard edge
     left, top, right, bottom = BOX
     inside = (slice(top + 3 * mask_blur, bottom - 3 * mask_blur), slice(left + 3 * mask_blur, right - 3 * mask_blur))
     assert np.abs(after[inside] - before[inside]).mean() > 10  # repainted
@@ -234,6 +239,27 @@ def test_png_metadata_records_the_mode_and_the_request_reproduces_the_image(mode
     assert replay["generated_image"][0] == out["generated_image"][0]
     plain = model.predict(frame({"prompt": "a cat", "seed": 1}), params=FAST)
     assert read_metadata(plain["generated_image"][0])["mode"] == "text-to-image"
+
+
+@pytest.mark.parametrize(("size", "box", "mask_blur"), [((64, 64), BOX, 0), ((100, 75), (13, 9, 40, 30), 3)])
+def test_the_pipeline_repaints_whole_latent_cells_covering_the_feathered_mask(size, box, mask_blur):
+    image = Image.new("RGB", size, (30, 90, 160))
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    inputs = masks.prepare(image, mask, mask_blur)
+
+    width, height = masks.padded_size(size)
+    assert inputs.image.size == inputs.mask.size == (width, height) and inputs.paste.size == size
+    cells = np.asarray(inputs.mask).reshape(height // 8, 8, width // 8, 8)
+    assert (cells.min(axis=(1, 3)) == cells.max(axis=(1, 3))).all()  # whole cells, as diffusers downsamples them
+    repainted = np.asarray(inputs.mask)[: size[1], : size[0]] == 255
+    shown = np.asarray(inputs.paste) > 0
+    assert repainted[shown].all()  # every pixel that shows generated content comes from a repainted cell
+    if mask_blur == 0:
+        assert inputs.mask.tobytes() == mask.tobytes()  # a cell-aligned hard mask reaches diffusers as it is
+    else:
+        assert shown.sum() > (np.asarray(mask) > 0).sum()  # feathering reaches past the mask
+    np.testing.assert_array_equal(np.asarray(inputs.image)[: size[1], : size[0]], np.asarray(image))
 
 
 def test_any_non_black_mask_pixel_is_repainted():

@@ -18,7 +18,7 @@ from model_pkg.request import RowError, RowSpec, parse_request
 
 LIMITS = ModelConfig(max_rows=5)
 PARAMS = list(GenerationParams.model_fields)
-COLUMNS = ["prompt", "image", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height"]
+COLUMNS = ["prompt", "image", "mask", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height"]
 COLUMNS += ["width", "strength", "aspect_ratio", "junk"]
 PNG = png_b64(size=(64, 64))
 
