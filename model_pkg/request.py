@@ -20,8 +20,17 @@ from pydantic import ValidationError
 
 from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
-from model_pkg.contract import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
+from model_pkg.contract import (
+    ASPECT_RATIOS,
+    MAX_SEED,
+    ROW_FIELDS,
+    GenerationParams,
+    format_error,
+    parse_params,
+    resolve_strength,
+)
 from model_pkg.images import ImageError, decode_image
+from model_pkg.masks import binary_mask, padded_size
 
 VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
 
@@ -30,7 +39,7 @@ VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
 class Settings:
     """What rows must share to be generated in one batched pipeline call (hashable: a group key)."""
 
-    mode: str  # "none" | "ensemble" | "sequential" | "img2img"
+    mode: str  # "none" | "ensemble" | "sequential" | "img2img" (the refiner's mode; inpainting rows have one too)
     height: int
     width: int
     num_inference_steps: int
@@ -49,6 +58,8 @@ class Settings:
     output_quality: int = 95
     output_encoding: str = "base64"
     png_metadata: bool = False
+    mask_blur: int = 0
+    inpaint: bool = False  # rows with an image and a mask: the base inpaints, then the refiner per ``mode``
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +75,14 @@ class RowSpec:
     style: str = ""
     styled_prompt: str | None = None  # the text encoded, when a style changed it
     styled_negative_prompt: str | None = None
+    mask: Image.Image | None = None  # inpainting: the binary mask (255 = repaint), the image's size
+
+    @property
+    def task(self) -> str:
+        """What the row asks for, as the PNG metadata records it."""
+        if self.mask is not None:
+            return "inpainting"
+        return "text-to-image" if self.image is None else "image-to-image"
 
     @property
     def effective_prompt(self) -> str:
@@ -127,13 +146,20 @@ def check_limits(p: GenerationParams, limits: ModelConfig) -> None:
     _check_size(height, width, limits, "'height'/'width'")
 
 
-def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | None) -> Settings:
+def _settings(
+    p: GenerationParams, limits: ModelConfig, image: Image.Image | None, mask: Image.Image | None = None
+) -> Settings:
     """Resolve sentinels and cross-field rules into the concrete settings of one row."""
     steps_refiner = _refiner_steps(p)
     guidance_refiner = p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner
     check_limits(p, limits)
 
-    if image is not None:
+    if mask is not None:
+        mode = p.refiner
+        # the pipeline runs at the image's size padded to multiples of 8; the output is cropped back
+        width, height = _inpaint_size(image, limits)
+        _check_inpaint_steps(p, mode)
+    elif image is not None:
         mode = "img2img"
         # diffusers floors an input image to multiples of the VAE scale; the output has that size
         width, height = (x - x % VAE_SCALE for x in image.size)
@@ -145,10 +171,11 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         width, height = _size(p)
 
     img2img_steps = {"img2img": p.num_inference_steps, "sequential": steps_refiner}.get(mode)
-    if img2img_steps is not None and int(img2img_steps * p.strength) < 1:
+    strength = resolve_strength(p.strength, inpainting=False)
+    if img2img_steps is not None and int(img2img_steps * strength) < 1:
         steps_name = "num_inference_steps" if mode == "img2img" else "num_inference_steps_refiner"
         raise ValueError(
-            f"'strength' {p.strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
+            f"'strength' {strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
         )
     if mode == "ensemble":
         refiner_steps = round(p.num_inference_steps * p.refiner_ratio)
@@ -174,20 +201,64 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         output_quality=p.output_quality,
         output_encoding=p.output_encoding,
         png_metadata=p.png_metadata,
+        mask_blur=p.mask_blur,
+        inpaint=mask is not None,
     )
 
 
-def _image(value: Any, limits: ModelConfig) -> Image.Image | None:
+def _inpaint_size(image: Image.Image, limits: ModelConfig) -> tuple[int, int]:
+    """(width, height) an inpainting row is generated at: the image's, padded to multiples of 8."""
+    if min(image.size) < 64:
+        raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least 64×64 is needed")
+    width, height = padded_size(image.size)
+    _check_size(height, width, limits, "'image'")
+    return width, height
+
+
+def _check_inpaint_steps(p: GenerationParams, mode: str) -> None:
+    """The base's inpainting pass runs ``int(steps × strength)`` steps; in the ensemble the refiner's
+    share comes off them, and the base needs at least one."""
+    strength = resolve_strength(p.strength, inpainting=True)
+    steps = int(p.num_inference_steps * strength)
+    if mode == "ensemble":
+        steps -= round(p.num_inference_steps * p.refiner_ratio)
+    if steps < 1:
+        share = f", after the refiner's share ('refiner_ratio' {p.refiner_ratio})," if mode == "ensemble" else ""
+        raise ValueError(
+            f"'strength' {strength} × 'num_inference_steps' {p.num_inference_steps}{share} leaves the base no "
+            "inpainting step; raise either"
+        )
+
+
+def _image(value: Any, limits: ModelConfig, field: str = "image") -> Image.Image | None:
     if not _present(value) or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
-        raise ValueError(f"'image' must be a base64 string, got {type(value).__name__}")
+        raise ValueError(f"'{field}' must be a base64 string, got {type(value).__name__}")
     try:
         return decode_image(
             value, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, formats=limits.image_formats
         )
     except ImageError as e:
-        raise ValueError(f"'image': {e}") from None
+        raise ValueError(f"'{field}': {e}") from None
+
+
+def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.Image | None:
+    """The row's inpainting mask as a binary greyscale image (255 = repaint), or None."""
+    mask = _image(value, limits, "mask")
+    if mask is None:
+        return None
+    if image is None:
+        raise ValueError("'mask' needs an 'image' to inpaint; send the image the mask applies to")
+    if mask.size != image.size:
+        raise ValueError(
+            f"'mask' is {mask.size[0]}×{mask.size[1]} but 'image' is {image.size[0]}×{image.size[1]}; "
+            "they must be the same size"
+        )
+    binary = binary_mask(mask)
+    if binary.getbbox() is None:
+        raise ValueError("'mask' is black everywhere: nothing to repaint (white = repaint, black = keep)")
+    return binary
 
 
 def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
@@ -226,6 +297,7 @@ def parse_row(
             raise ValueError(format_error(e, "column").removeprefix("column ")) from None
         negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
         image = _image(row.get("image"), limits)
+        mask = _mask(row.get("mask"), image, limits)
         if "seed" in overrides and params.seed != -1:
             seed = params.seed
         elif request.seed != -1:
@@ -234,14 +306,14 @@ def parse_row(
                 raise ValueError(f"request 'seed' {request.seed} + row {index} is over {MAX_SEED}; pass per-row seeds")
         else:
             seed = _random_seed()
-        settings = _settings(params, limits, image)
+        settings = _settings(params, limits, image, mask)
         text = resolve_row(params, prompt, negative_prompt, catalog)
         settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
     except ValueError as e:
         prompt = row.get("prompt")
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None) from None
     return RowSpec(
-        index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt
+        index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt, mask
     )
 
 
