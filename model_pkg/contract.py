@@ -35,6 +35,21 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 
+# Per-row image columns (base64 / data URI): the starting image and, to inpaint it, its mask.
+IMAGE_COLUMNS = ("image", "mask")
+
+# What strength=-1 (the default) means for each kind of pass.
+INPAINT_STRENGTH = 1.0  # inpainting: the masked area starts from pure noise, as users of inpainting tools expect
+IMG2IMG_STRENGTH = 0.3  # image-to-image: image rows (the refiner) and the sequential refiner pass
+
+
+def resolve_strength(strength: float, inpainting: bool) -> float:
+    """The strength of one pass: the given one, or the default of its kind of pass for -1."""
+    if strength != -1:
+        return strength
+    return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
+
 # Params that may also come as per-row columns of the input (Spark UDF params are fixed per UDF).
 ROW_FIELDS = (
     "negative_prompt",
@@ -70,7 +85,16 @@ class GenerationParams(BaseModel):
     )
     guidance_scale: float = Field(5.0, ge=0, le=50, description="classifier-free guidance")
     guidance_scale_refiner: float = Field(-1.0, ge=-1, le=50, description="refiner guidance; -1 = guidance_scale")
-    strength: float = Field(0.3, gt=0, le=1, description="img2img (image rows, sequential refiner): noise added")
+    strength: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="noise added to a starting image, (0, 1]; -1: 1.0 for inpainting (the masked area is repainted "
+        "fully), 0.3 for image-to-image (image rows, the sequential refiner)",
+    )
+    mask_blur: int = Field(
+        4, ge=0, le=64, description="inpainting: feathering of the mask's edge in pixels (Gaussian radius); 0 hard"
+    )
     negative_prompt: str = Field("", description="what not to draw")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
     height: int = Field(1024, ge=64, description="pixels, multiple of 8")
@@ -119,6 +143,13 @@ class GenerationParams(BaseModel):
         if canonical is None:
             raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(scheduler_names())}")
         return canonical
+
+    @field_validator("strength")
+    @classmethod
+    def _positive_or_default(cls, value: float) -> float:
+        if value != -1 and value <= 0:
+            raise ValueError("Input should be greater than 0 (or -1: the mode's default)")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod

@@ -12,8 +12,9 @@ two text chunks (``png_metadata``, on by default):
 - ``sdxl_pyfunc``: JSON ``{"request": <MLflow scoring body>, "model": {...}}``. ``request`` is a
   ``dataframe_records`` body with every resolved param, so posting it to ``/invocations`` (or
   ``predict(pd.DataFrame(r["dataframe_records"]), params=r["params"])``) reproduces the image byte
-  for byte on the same artifact (``model.model_hash``). Image-to-image rows record the input image's
-  sha256 only: send the same image again.
+  for byte on the same artifact (``model.model_hash``). Image-to-image and inpainting rows record the
+  input image's (and mask's) sha256 only: send the same image (and mask) again. ``mode`` says which
+  of text-to-image, image-to-image or inpainting made the image.
 
 JPEG and WebP carry no metadata.
 """
@@ -142,23 +143,27 @@ def reproduction_request(row: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": row.prompt}
     if row.image is not None:
         record["image"] = None  # not embedded: send the same input image again
+    if row.mask is not None:
+        record["mask"] = None
     return {"dataframe_records": [record], "params": dict(sorted(params.items()))}
 
 
 def _summary(row: Any, model: dict[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
     s = row.settings
+    width, height = row.image.size if row.mask is not None else (s.width, s.height)  # inpainting keeps the size
     pairs = {
         "Steps": s.num_inference_steps,
         "Sampler": s.scheduler,
         "CFG scale": s.guidance_scale,
         "Seed": row.seed,
-        "Size": f"{s.width}x{s.height}",
+        "Size": f"{width}x{height}",
         "Model hash": model["model_hash"][:10],
         "Model": "sdxl-1.0",
         "Refiner": s.mode,
         "Style": row.style or None,
         "Lora": lora.format_selection(s.lora) or None,
+        "Mask blur": s.mask_blur if row.mask is not None else None,
     }
     lines = [row.prompt]
     if row.negative_prompt:
@@ -176,7 +181,9 @@ def metadata(row: Any, catalog: Any) -> dict[str, Any]:
     }
     if row.image is not None:
         model["input_image_sha256"] = hashlib.sha256(row.image.tobytes()).hexdigest()
-    return {"request": reproduction_request(row), "model": model}
+    if row.mask is not None:
+        model["input_mask_sha256"] = hashlib.sha256(row.mask.tobytes()).hexdigest()
+    return {"request": reproduction_request(row), "model": model, "mode": row.task}
 
 
 def encode_output(image: Image.Image, row: Any, catalog: Any) -> str:

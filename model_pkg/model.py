@@ -47,7 +47,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         # each call, and the fast CLIP tokenizers (used while parsing and generating) are not
         # thread-safe (transformers#47085, "Already borrowed"). Scale with server workers.
         self._lock = threading.Lock()
-        preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
+        preserve_struct_nulls()  # in a Spark task only: on_error="null" rows keep real nulls (see spark_nulls.py)
 
     def check_request(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
         """Only the request-level checks of :meth:`predict`, generating nothing: raises the ``MlflowException``

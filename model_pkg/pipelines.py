@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.models.attention_processor import AttnProcessor
 
 from model_pkg.catalog import Catalog, load_catalog
@@ -70,6 +75,8 @@ class Pipelines:
     device: torch.device
     dtype: torch.dtype
     catalog: Catalog | None = None  # styles, LoRA adapters (loaded into base), watermarker, model hash
+    inpaint: StableDiffusionXLInpaintPipeline | None = None  # over the base's modules
+    refiner_inpaint: StableDiffusionXLInpaintPipeline | None = None  # over the refiner's modules
 
 
 def choose_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
@@ -130,7 +137,33 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
         manifest.get(K.HASHES) or {},
         refiner.scheduler,
     )
-    return Pipelines(base=base, refiner=refiner, safety_checker=checker, device=device, dtype=dtype, catalog=catalog)
+    return Pipelines(
+        base=base,
+        refiner=refiner,
+        safety_checker=checker,
+        device=device,
+        dtype=dtype,
+        catalog=catalog,
+        inpaint=inpaint_pipeline(base),
+        refiner_inpaint=inpaint_pipeline(refiner),
+    )
+
+
+def inpaint_pipeline(pipe: DiffusionPipeline) -> StableDiffusionXLInpaintPipeline:
+    """An SDXL inpainting pipeline over ``pipe``'s modules, the same objects (as configured by
+    :func:`apply_options`, LoRA adapters included): no weights are copied or cast.
+
+    Built by its constructor rather than ``from_pipe``, which casts the shared modules to its
+    ``dtype`` (float32 by default) and adds a watermarker of its own.
+    """
+    inpaint = StableDiffusionXLInpaintPipeline(
+        **pipe.components,
+        requires_aesthetics_score=pipe.config.get("requires_aesthetics_score", False),
+        force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
 
 
 def _unique(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:

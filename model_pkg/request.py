@@ -21,8 +21,18 @@ from pydantic import ValidationError
 from model_pkg import schedulers as schedulers_
 from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
-from model_pkg.contract import ASPECT_RATIOS, MAX_SEED, ROW_FIELDS, GenerationParams, format_error, parse_params
+from model_pkg.contract import (
+    ASPECT_RATIOS,
+    IMAGE_COLUMNS,
+    MAX_SEED,
+    ROW_FIELDS,
+    GenerationParams,
+    format_error,
+    parse_params,
+    resolve_strength,
+)
 from model_pkg.images import ImageError, check_encodable, decode_image
+from model_pkg.masks import binary_mask, padded_size
 
 VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
 
@@ -31,7 +41,7 @@ VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
 class Settings:
     """What rows must share to be generated in one batched pipeline call (hashable: a group key)."""
 
-    mode: str  # "none" | "ensemble" | "sequential" | "img2img"
+    mode: str  # "none" | "ensemble" | "sequential" | "img2img" (the refiner's mode; inpainting rows have one too)
     height: int
     width: int
     num_inference_steps: int
@@ -50,6 +60,8 @@ class Settings:
     output_quality: int = 95
     output_encoding: str = "base64"
     png_metadata: bool = False
+    mask_blur: int = 0
+    inpaint: bool = False  # rows with an image and a mask: the base inpaints, then the refiner per ``mode``
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +77,14 @@ class RowSpec:
     style: str = ""
     styled_prompt: str | None = None  # the text encoded, when a style changed it
     styled_negative_prompt: str | None = None
+    mask: Image.Image | None = None  # inpainting: the binary mask (255 = repaint), the image's size
+
+    @property
+    def task(self) -> str:
+        """What the row asks for, as the PNG metadata records it."""
+        if self.mask is not None:
+            return "inpainting"
+        return "text-to-image" if self.image is None else "image-to-image"
 
     @property
     def effective_prompt(self) -> str:
@@ -151,13 +171,20 @@ def check_limits(p: GenerationParams, limits: ModelConfig) -> None:
     check_encodable(p.output_format, width, height)
 
 
-def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | None) -> Settings:
+def _settings(
+    p: GenerationParams, limits: ModelConfig, image: Image.Image | None, mask: Image.Image | None = None
+) -> Settings:
     """Resolve sentinels and cross-field rules into the concrete settings of one row."""
     steps_refiner = _refiner_steps(p)
     guidance_refiner = p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner
     check_limits(p, limits)
 
-    if image is not None:
+    if mask is not None:
+        mode = p.refiner
+        # the pipeline runs at the image's size padded to multiples of 8; the output is cropped back
+        width, height = _inpaint_size(image, limits)
+        check_encodable(p.output_format, *image.size)  # the output is the input's size
+    elif image is not None:
         mode = "img2img"
         # diffusers floors an input image to multiples of the VAE scale; the output has that size
         width, height = (x - x % VAE_SCALE for x in image.size)
@@ -186,7 +213,18 @@ def _settings(p: GenerationParams, limits: ModelConfig, image: Image.Image | Non
         output_quality=p.output_quality,
         output_encoding=p.output_encoding,
         png_metadata=p.png_metadata,
+        mask_blur=p.mask_blur,
+        inpaint=mask is not None,
     )
+
+
+def _inpaint_size(image: Image.Image, limits: ModelConfig) -> tuple[int, int]:
+    """(width, height) an inpainting row is generated at: the image's, padded to multiples of 8."""
+    if min(image.size) < 64:
+        raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least 64×64 is needed")
+    width, height = padded_size(image.size)
+    _check_size(height, width, limits, "'image'")
+    return width, height
 
 
 Schedulers = tuple[Any, Any]  # the packaged (base, refiner) schedulers that steps are planned on
@@ -212,48 +250,61 @@ def stage_steps(s: Settings, schedulers: Schedulers) -> dict[str, int]:
             ) from None
 
     steps, steps_refiner = s.num_inference_steps, s.num_inference_steps_refiner
+    strength = resolve_strength(s.strength, inpainting=False)  # image rows, the sequential refiner pass
+    base_schedule = on(base, steps) if s.mode != "img2img" else None
+    if s.inpaint:  # the base inpaints with its own strength before any handoff
+        base_schedule = schedulers_.with_strength(base_schedule, steps, resolve_strength(s.strength, True))
     if s.mode == "none":
-        return {"base": len(on(base, steps).timesteps)}
+        return {"base": len(base_schedule.timesteps)}
     if s.mode == "ensemble":
         return {
-            "base": schedulers_.steps_until(on(base, steps), handoff(s)),
+            "base": schedulers_.steps_until(base_schedule, handoff(s)),
             "refiner": schedulers_.steps_from(on(refiner, steps), handoff(s)),
         }
     if s.mode == "sequential":
-        return {
-            "base": len(on(base, steps).timesteps),
-            "refiner": schedulers_.steps_with_strength(
-                on(refiner, steps_refiner, "num_inference_steps_refiner"), steps_refiner, s.strength
-            ),
-        }
+        refiner_schedule = on(refiner, steps_refiner, "num_inference_steps_refiner")
+        refined = schedulers_.with_strength(refiner_schedule, steps_refiner, strength)
+        return {"base": len(base_schedule.timesteps), "refiner": len(refined.timesteps)}
     if s.mode == "img2img":
-        return {"refiner": schedulers_.steps_with_strength(on(refiner, steps), steps, s.strength)}
+        return {"refiner": len(schedulers_.with_strength(on(refiner, steps), steps, strength).timesteps)}
     raise ValueError(f"unknown mode {s.mode!r}")
 
 
 def check_steps(s: Settings, schedulers: Schedulers) -> None:
     """Every stage of the mode must run at least one denoising step; raises ``ValueError`` naming the params."""
+    strength = resolve_strength(s.strength, inpainting=False)
     img2img_steps = {"img2img": s.num_inference_steps, "sequential": s.num_inference_steps_refiner}.get(s.mode)
-    if img2img_steps is not None and int(img2img_steps * s.strength) < 1:
+    if img2img_steps is not None and int(img2img_steps * strength) < 1:
         steps_name = "num_inference_steps" if s.mode == "img2img" else "num_inference_steps_refiner"
         raise ValueError(
-            f"'strength' {s.strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
+            f"'strength' {strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
         )
     planned = stage_steps(s, schedulers)
     empty = [stage for stage, steps in planned.items() if steps == 0]
     if not empty:
         return
-    if s.mode == "ensemble":
-        cutoff = schedulers_.handoff_timestep(
-            schedulers_.schedule(schedulers[0], s.scheduler, s.timestep_spacing, s.num_inference_steps), handoff(s)
+    steps = s.num_inference_steps
+    cutoff = schedulers_.handoff_timestep(
+        schedulers_.schedule(schedulers[0], s.scheduler, s.timestep_spacing, steps), handoff(s)
+    )
+    if s.inpaint and empty[0] == "base":
+        share = (
+            f", after the refiner's share ('refiner_ratio' {s.refiner_ratio}: it takes over at timestep {cutoff}),"
+            if s.mode == "ensemble"
+            else ""
         )
         raise ValueError(
-            f"'refiner_ratio' {s.refiner_ratio} with 'num_inference_steps' {s.num_inference_steps} leaves the "
-            f"{empty[0]} no denoising step: the refiner takes over at timestep {cutoff}, which splits the "
-            f"'{s.scheduler}' schedule ('timestep_spacing' {s.timestep_spacing}) into {planned['base']} base and "
+            f"'strength' {resolve_strength(s.strength, True)} × 'num_inference_steps' {steps}{share} leaves the "
+            "base no inpainting step; raise either"
+        )
+    if s.mode == "ensemble":
+        raise ValueError(
+            f"'refiner_ratio' {s.refiner_ratio} with 'num_inference_steps' {steps} leaves the {empty[0]} no "
+            f"denoising step: the refiner takes over at timestep {cutoff}, which splits the '{s.scheduler}' "
+            f"schedule ('timestep_spacing' {s.timestep_spacing}) into {planned['base']} base and "
             f"{planned['refiner']} refiner steps; raise num_inference_steps or move refiner_ratio towards 0.5"
         )
-    raise ValueError(f"'num_inference_steps' {s.num_inference_steps} leaves the {empty[0]} no denoising step")
+    raise ValueError(f"'num_inference_steps' {steps} leaves the {empty[0]} no denoising step")
 
 
 def _schedulers(catalog: Catalog | None) -> Schedulers:
@@ -265,17 +316,35 @@ def _image_given(value: Any) -> bool:
     return _present(value) and not (isinstance(value, str) and not value.strip())
 
 
-def _image(value: Any, limits: ModelConfig) -> Image.Image | None:
+def _image(value: Any, limits: ModelConfig, field: str = "image") -> Image.Image | None:
     if not _image_given(value):
         return None
     if not isinstance(value, str):
-        raise ValueError(f"'image' must be a base64 string, got {type(value).__name__}")
+        raise ValueError(f"'{field}' must be a base64 string, got {type(value).__name__}")
     try:
         return decode_image(
             value, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, formats=limits.image_formats
         )
     except ImageError as e:
-        raise ValueError(f"'image': {e}") from None
+        raise ValueError(f"'{field}': {e}") from None
+
+
+def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.Image | None:
+    """The row's inpainting mask as a binary greyscale image (255 = repaint), or None."""
+    mask = _image(value, limits, "mask")
+    if mask is None:
+        return None
+    if image is None:
+        raise ValueError("'mask' needs an 'image' to inpaint; send the image the mask applies to")
+    if mask.size != image.size:
+        raise ValueError(
+            f"'mask' is {mask.size[0]}×{mask.size[1]} but 'image' is {image.size[0]}×{image.size[1]}; "
+            "they must be the same size"
+        )
+    binary = binary_mask(mask)
+    if binary.getbbox() is None:
+        raise ValueError("'mask' is black everywhere: nothing to repaint (white = repaint, black = keep)")
+    return binary
 
 
 def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
@@ -314,10 +383,11 @@ def parse_row(
             raise ValueError(format_error(e, "column").removeprefix("column ")) from None
         negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
         image = _image(row.get("image"), limits)
+        mask = _mask(row.get("mask"), image, limits)
         seed = _given_seed(index, params.seed if "seed" in overrides else -1, request)
         if seed is None:
             seed = _random_seed()
-        settings = _settings(params, limits, image)
+        settings = _settings(params, limits, image, mask)
         check_steps(settings, _schedulers(catalog))
         text = resolve_row(params, prompt, negative_prompt, catalog)
         settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
@@ -326,7 +396,7 @@ def parse_row(
         seed = _seed_of_failed(index, row, request)
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None, seed) from None
     return RowSpec(
-        index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt
+        index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt, mask
     )
 
 
@@ -389,17 +459,19 @@ STEP_FIELDS = ("num_inference_steps", "strength")  # the row columns that change
 
 def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelConfig, catalog: Catalog | None) -> None:
     """The request's params must give every stage a step in each mode run by a row that relies on them
-    (text-to-image rows: ``refiner``; image rows: img2img). Rows with their own steps or strength are
-    checked as rows."""
+    (text-to-image rows: ``refiner``; rows with an image: img2img; with an image and a mask: inpainting
+    in the ``refiner`` mode). Rows with their own steps or strength are checked as rows."""
     own = pd.Series(False, index=frame.index)
     for field in (f for f in STEP_FIELDS if f in frame.columns):
         own |= frame[field].map(_present).astype(bool)
-    images = frame["image"].map(_image_given).astype(bool) if "image" in frame.columns else own & False
+    given = {c: frame[c].map(_image_given).astype(bool) if c in frame.columns else own & False for c in IMAGE_COLUMNS}
     settings = _settings(request, limits, None)
-    modes = {"img2img" if image else settings.mode for image in images[~own]}
+    modes = set()
+    for image, mask in zip(given["image"][~own], given["mask"][~own], strict=True):
+        modes.add((settings.mode, True) if image and mask else ("img2img", False) if image else (settings.mode, False))
     try:
-        for mode in sorted(modes):
-            check_steps(replace(settings, mode=mode), _schedulers(catalog))
+        for mode, inpaint in sorted(modes):
+            check_steps(replace(settings, mode=mode, inpaint=inpaint), _schedulers(catalog))
     except ValueError as e:
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from diffusers import (
@@ -126,20 +126,22 @@ def handoff_timestep(s: Schedule, fraction: float) -> int:
 
 
 def steps_until(s: Schedule, denoising_end: float) -> int:
-    """Steps of the text-to-image pipeline with ``denoising_end`` (StableDiffusionXLPipeline, 8.1)."""
+    """Steps of a pipeline with ``denoising_end`` (StableDiffusionXL(Inpaint)Pipeline: the timesteps at or
+    above the cut)."""
     cutoff = handoff_timestep(s, denoising_end)
     return sum(t >= cutoff for t in s.timesteps)
 
 
 def steps_from(s: Schedule, denoising_start: float) -> int:
-    """Steps of the img2img pipeline with ``denoising_start`` (StableDiffusionXLImg2ImgPipeline.get_timesteps)."""
+    """Steps of an img2img / inpainting pipeline with ``denoising_start`` (``get_timesteps``)."""
     steps = sum(t < handoff_timestep(s, denoising_start) for t in s.timesteps)
     if s.order == 2 and steps % 2 == 0:  # diffusers ends a second-order step on its second evaluation
         steps += 1
     return min(steps, len(s.timesteps))
 
 
-def steps_with_strength(s: Schedule, steps: int, strength: float) -> int:
-    """Steps of the img2img pipeline with ``strength`` (StableDiffusionXLImg2ImgPipeline.get_timesteps)."""
+def with_strength(s: Schedule, steps: int, strength: float) -> Schedule:
+    """The part of the schedule an img2img / inpainting pipeline runs with ``strength`` (``get_timesteps``
+    skips the first ``steps - int(steps × strength)`` steps)."""
     start = max(steps - min(int(steps * strength), steps), 0)
-    return len(s.timesteps[start * s.order :])
+    return replace(s, timesteps=s.timesteps[start * s.order :])

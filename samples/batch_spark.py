@@ -4,7 +4,7 @@
     python samples/batch_spark.py --model models:/sdxl@production --input prompts.parquet \\
         --output scored/ [--images images/] [--params '{"num_inference_steps": 30}'] [--seed 42]
 
-The input needs a ``prompt`` column; any of ``image``, ``seed``, ``negative_prompt``,
+The input needs a ``prompt`` column; any of ``image``, ``mask``, ``seed``, ``negative_prompt``,
 ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``strength``, ``aspect_ratio``
 it has are per-row settings. The output table (Parquet) has one row per input row:
 ``row`` (0-based position in the input), ``prompt``, ``seed``, ``image`` (base64), ``nsfw``,

@@ -21,6 +21,7 @@ RUNTIME_MODULES = {
     "generation.py",
     "images.py",
     "lora.py",
+    "masks.py",
     "model.py",
     "pipelines.py",
     "prompts.py",

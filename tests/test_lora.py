@@ -188,3 +188,18 @@ def test_adapters_switch_per_request_under_torch_compile(lora_artifact, lora_mod
         eager, ours = run(lora_model, spec), run(compiled, spec)
         for a, b in zip(eager, ours, strict=True):
             assert np.abs(pixels(a) - pixels(b)).max() <= 2, spec  # compiled kernels round differently
+
+
+def test_an_adapter_reaches_the_inpainting_pipelines_over_the_same_modules(lora_model, model):
+    from helpers import png_b64
+    from test_inpaint import BOX, mask_b64
+
+    row = frame({"prompt": "a cat with a hat", "image": png_b64(size=(64, 64)), "mask": mask_b64((64, 64)), "seed": 5})
+    left, top, right, bottom = BOX
+    for refiner in ("none", "ensemble"):
+        params = FAST | {"refiner": refiner}
+        none = lora_model.predict(row, params=params)["generated_image"][0]
+        assert none == model.predict(row, params=params)["generated_image"][0]  # packaged, not selected: no effect
+        toy = pixels(lora_model.predict(row, params=params | {"lora": "toy"})["generated_image"][0])
+        assert np.abs(toy - pixels(none))[top:bottom, left:right].mean() > 1  # the adapter repaints differently
+        assert (toy[:4] == pixels(none)[:4]).all()  # and leaves what is far from the mask alone

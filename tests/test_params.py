@@ -7,7 +7,7 @@ from helpers import FAST, frame, png_b64
 from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig, load_model_config
-from model_pkg.contract import ASPECT_RATIOS, GenerationParams
+from model_pkg.contract import ASPECT_RATIOS, GenerationParams, resolve_strength
 from model_pkg.request import RowError, parse_request
 from model_pkg.schedulers import SCHEDULERS, canonical_scheduler, scheduler_names
 
@@ -21,7 +21,8 @@ def parse(*rows: dict, **params):
 def test_defaults_follow_diffusers_and_the_spec():
     p = GenerationParams()
     assert (p.refiner, p.refiner_ratio, p.num_inference_steps, p.guidance_scale) == ("ensemble", 0.2, 50, 5.0)
-    assert (p.height, p.width, p.strength, p.output_format, p.safety_filter) == (1024, 1024, 0.3, "png", True)
+    assert (p.height, p.width, p.strength, p.output_format, p.safety_filter) == (1024, 1024, -1, "png", True)
+    assert (resolve_strength(p.strength, inpainting=False), resolve_strength(p.strength, inpainting=True)) == (0.3, 1)
     [row] = parse({"prompt": "a cat"})
     s = row.settings
     assert s.mode == "ensemble" and (s.height, s.width) == (1024, 1024)

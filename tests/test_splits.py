@@ -14,13 +14,16 @@ from collections import Counter
 import pytest
 from helpers import FAST, decode, frame, png_b64
 from mlflow.exceptions import MlflowException
+from test_inpaint import mask_b64
 
 from model_pkg.config import ModelConfig
 from model_pkg.generation import generate_batch
+from model_pkg.masks import binary_mask
 from model_pkg.request import RowSpec, Settings, parse_request, stage_steps
-from model_pkg.schedulers import DEFAULT, SCHEDULERS
+from model_pkg.schedulers import DEFAULT, SCHEDULERS, sdxl_scheduler
 
 SPACINGS = ("default", "linspace", "leading", "trailing")
+SDXL = (sdxl_scheduler(), sdxl_scheduler())  # the tiny artifact packages SDXL 1.0's scheduler
 NAMES = (DEFAULT, *SCHEDULERS)
 
 
@@ -41,14 +44,17 @@ def settings(
         timestep_spacing=spacing,
         output_format="png",
         safety_filter=False,
+        inpaint=kw.pop("inpaint", False),
     )
 
 
 def counted(pipes, s: Settings) -> dict[str, int]:
     """Run ``s`` through the real pipelines: diffusers' loop iterations per stage (0 for a stage that ran none)."""
-    image = decode(png_b64(size=(64, 64))).convert("RGB") if s.mode == "img2img" else None
+    image = decode(png_b64(size=(64, 64))).convert("RGB") if s.mode == "img2img" or s.inpaint else None
+    mask = binary_mask(decode(mask_b64((64, 64)))) if s.inpaint else None
+    row = RowSpec(0, "a cat", "", 1, image, s, mask=mask)
     steps: Counter = Counter()
-    generate_batch(pipes, [RowSpec(0, "a cat", "", 1, image, s)], on_step=lambda stage, i, pipe: steps.update([stage]))
+    generate_batch(pipes, [row], on_step=lambda stage, i, pipe: steps.update([stage]))
     stages = {"none": ["base"], "img2img": ["refiner"]}.get(s.mode, ["base", "refiner"])
     assert set(steps) <= set(stages)
     return {stage: steps[stage] for stage in stages}
@@ -104,6 +110,27 @@ def test_sequential_and_img2img_steps_are_what_diffusers_runs(pipes, name):
     assert_plan_is_what_diffusers_runs(pipes, settings("sequential", 4, name=name, steps_refiner=4, strength=0.5))
     if name in (DEFAULT, "K_HEUN"):
         assert_plan_is_what_diffusers_runs(pipes, settings("img2img", 4, name=name, strength=0.5))
+
+
+# Inpainting: the base inpaints with its own strength (default 1.0), then hands over as in its mode.
+INPAINTED = [
+    settings("none", 4, strength=-1, inpaint=True),
+    settings("ensemble", 10, 0.2, strength=0.3, inpaint=True),
+    settings("ensemble", 10, 0.2, strength=0.1, inpaint=True),  # the base would run no step
+    settings("ensemble", 5, 0.3, "K_DPM_2", "trailing", strength=0.6, inpaint=True),
+    settings("sequential", 4, name="K_HEUN", steps_refiner=4, strength=0.5, inpaint=True),
+]
+
+
+@pytest.mark.parametrize("s", INPAINTED, ids=lambda s: f"{s.mode}-{s.scheduler}-{s.strength}")
+def test_inpainting_steps_are_what_diffusers_runs(pipes, s):
+    assert_plan_is_what_diffusers_runs(pipes, s)
+
+
+def test_inpainting_splits():
+    assert stage_steps(INPAINTED[0], SDXL) == {"base": 4}  # strength -1: a full repaint
+    assert stage_steps(INPAINTED[1], SDXL) == {"base": 1, "refiner": 2}  # the last 3 of 10, cut at 200
+    assert stage_steps(INPAINTED[2], SDXL) == {"base": 0, "refiner": 2}
 
 
 # Parsing only (no generation): steps × ratios × spacings of the packaged scheduler.
