@@ -422,13 +422,12 @@ def parse_request(
                 raise
             rows.append(e)
             continue
-        if row.image is not None:
-            image_pixels += row.image.width * row.image.height
-            if image_pixels > limits.max_request_image_pixels:
-                raise MlflowException.invalid_parameter_value(
-                    f"The input images pass the request's budget of {limits.max_request_image_pixels} decoded "
-                    f"pixels (max_request_image_pixels) at row {i}; send fewer or smaller images per request"
-                )
+        image_pixels += sum(im.width * im.height for im in (row.image, row.mask) if im is not None)
+        if image_pixels > limits.max_request_image_pixels:
+            raise MlflowException.invalid_parameter_value(
+                f"The input images pass the request's budget of {limits.max_request_image_pixels} decoded "
+                f"pixels (max_request_image_pixels) at row {i}; send fewer or smaller images per request"
+            )
         rows.append(row)
     return Request(request, rows)
 
