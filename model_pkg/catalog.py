@@ -81,8 +81,7 @@ class Catalog:
     tokenizers: tuple[Any, ...] = ()  # the base's two tokenizers: for counting prompt windows
     watermarker: Any = None  # diffusers' StableDiffusionXLWatermarker when invisible-watermark is installed
     model_hash: str = ""  # sha256 over the components' hashes: which weights made an image
-    # the packaged (base, refiner) schedulers, never stepped: parsing plans each stage's steps on them
-    schedulers: tuple[Any, Any] = field(default_factory=lambda: (sdxl_scheduler(), sdxl_scheduler()))
+    schedulers: tuple[Any, Any] = field(default_factory=lambda: (sdxl_scheduler(),) * 2)  # (base, refiner), packaged
 
 
 @dataclass(frozen=True)
@@ -113,16 +112,10 @@ def model_hash(hashes: dict[str, str]) -> str:
 
 
 def load_catalog(
-    root: Path,
-    base: Any,
-    styles: str | None,
-    loras: dict[str, dict[str, str]],
-    hashes: dict[str, str],
-    refiner_scheduler: Any = None,
+    root: Path, base: Any, styles: str | None, loras: dict[str, dict[str, str]], hashes: dict[str, str]
 ) -> Catalog:
     """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker."""
     return Catalog(
-        schedulers=(base.scheduler, refiner_scheduler or base.scheduler),
         styles=load_styles(root / styles) if styles else StyleTable(),
         loras=lora.load_loras(base, root, loras),
         tokenizers=tuple(t for t in (base.tokenizer, base.tokenizer_2) if t is not None),

@@ -27,7 +27,7 @@ from model_pkg import lora, masks, prompts
 from model_pkg.config import ModelConfig
 from model_pkg.contract import resolve_strength
 from model_pkg.pipelines import Pipelines, call_view
-from model_pkg.request import RowSpec, Settings, handoff, parse_request
+from model_pkg.request import RowSpec, Settings, parse_request
 
 # on_step(stage, step_index, pipeline): called after every denoising step (diffusers'
 # callback_on_step_end); stage is "base" or "refiner", pipeline the per-call view that ran it.
@@ -113,7 +113,7 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     if s.mode == "none":
         return base(**base_args).images
     if s.mode == "ensemble":
-        split = handoff(s)  # the steps each stage runs: request.stage_steps
+        split = s.handoff  # the steps each stage runs: request.stage_steps
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         return refiner(
             **refiner_common,
@@ -159,7 +159,7 @@ def _inpaint(
     if s.mode == "none":
         images = base(**base_args).images
     elif s.mode == "ensemble":
-        split = handoff(s)
+        split = s.handoff
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         images = refiner(
             **refiner_args,

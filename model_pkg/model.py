@@ -50,9 +50,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         preserve_struct_nulls()  # in a Spark task only: on_error="null" rows keep real nulls (see spark_nulls.py)
 
     def check_request(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
-        """Only the request-level checks of :meth:`predict`, generating nothing: raises the ``MlflowException``
-        that ``predict`` would raise for the whole request. Any number of rows: a batch job checks its whole
-        input before it writes anything, then sends it in chunks of at most ``max_rows``."""
+        """Only :meth:`predict`'s request-level checks, on any number of rows (a batch job: its whole input)."""
         rows = len(model_input) if isinstance(model_input, pd.DataFrame) else 0
         limits = self.config.model_copy(update={"max_rows": max(self.config.max_rows, rows)})
         check_whole_request(model_input, params, limits, self.pipelines.catalog)
@@ -67,11 +65,8 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
             rows = [r for r in request.rows if isinstance(r, RowSpec)]
             if request.params.prompt_weighting == "off":  # "auto" encodes long prompts whole
                 truncation_warnings(rows, [pipes.base.tokenizer, pipes.base.tokenizer_2])
-            results = {
-                e.row: RowResult(e.prompt, None, None, e.seed, e.reason)
-                for e in request.rows
-                if isinstance(e, RowError)
-            }
+            errors = [e for e in request.rows if isinstance(e, RowError)]
+            results = {e.row: RowResult(e.prompt, None, None, e.seed, e.reason) for e in errors}
 
             # 2. plan: rows that share settings are one pipeline call
             for batch in plan_batches(rows, self.config.max_batch_size):
@@ -91,8 +86,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
 
 
 def encode_result(row: RowSpec, image: Image.Image, flag: bool | None, catalog: Any, keep_going: bool) -> RowResult:
-    """The output row of a generated image. Parsing refuses what the encoders cannot write, so a failure
-    here is unexpected: it is the row's error with ``on_error="null"``, else it fails the request naming the row."""
+    """The output row of an image; parsing refused what the encoders cannot write, so a failure is unexpected."""
     try:
         return RowResult(row.prompt, encode_output(image, row, catalog), flag, row.seed)
     except Exception as e:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -130,13 +130,9 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     if manifest.get(K.SAFETY_CHECKER):
         checker = SafetyChecker.load(root / manifest[K.SAFETY_CHECKER], device, dtype)
     catalog = load_catalog(
-        root,
-        base,
-        manifest.get(K.STYLES),
-        manifest.get(K.LORAS) or {},
-        manifest.get(K.HASHES) or {},
-        refiner.scheduler,
+        root, base, manifest.get(K.STYLES), manifest.get(K.LORAS) or {}, manifest.get(K.HASHES) or {}
     )
+    catalog = replace(catalog, schedulers=(base.scheduler, refiner.scheduler))  # steps are planned on them
     return Pipelines(
         base=base,
         refiner=refiner,

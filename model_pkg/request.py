@@ -6,6 +6,7 @@ Everything a user can get wrong is checked here, before any pipeline runs, and r
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass, replace
@@ -62,6 +63,10 @@ class Settings:
     png_metadata: bool = False
     mask_blur: int = 0
     inpaint: bool = False  # rows with an image and a mask: the base inpaints, then the refiner per ``mode``
+
+    @property
+    def handoff(self) -> float:  # ensemble: the base's denoising_end, the refiner's denoising_start
+        return 1.0 - self.refiner_ratio
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,25 +126,16 @@ def _random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
-def _given_seed(index: int, row_seed: int, request: GenerationParams) -> int | None:
-    """The row's own seed, else request seed + row; None when neither is given (-1): draw one."""
-    if row_seed != -1:
-        return row_seed
+def _given_seed(index: int, row: dict[str, Any], request: GenerationParams) -> int | None:
+    """The row's own seed, else request seed + row; None when neither is given (a random one is drawn)."""
+    value = _python(row.get("seed"))
+    if _present(value) and (seed := GenerationParams(seed=value).seed) != -1:  # raises for a bad seed
+        return seed
     if request.seed == -1:
         return None
     if request.seed + index > MAX_SEED:
         raise ValueError(f"request 'seed' {request.seed} + row {index} is over {MAX_SEED}; pass per-row seeds")
     return request.seed + index
-
-
-def _seed_of_failed(index: int, row: dict[str, Any], request: GenerationParams) -> int | None:
-    """The seed a failed row was given, so that it is returned with its error; None when it had no valid one."""
-    value = row.get("seed")
-    try:
-        own = GenerationParams(seed=_python(value)).seed if _present(value) else -1
-        return _given_seed(index, own, request)
-    except (ValidationError, ValueError):
-        return None
 
 
 def _check_size(height: int, width: int, limits: ModelConfig, what: str) -> None:
@@ -227,51 +223,30 @@ def _inpaint_size(image: Image.Image, limits: ModelConfig) -> tuple[int, int]:
     return width, height
 
 
-Schedulers = tuple[Any, Any]  # the packaged (base, refiner) schedulers that steps are planned on
-
-
-def handoff(s: Settings) -> float:
-    """``denoising_end`` of the base and ``denoising_start`` of the refiner in an ensemble."""
-    return 1.0 - s.refiner_ratio
-
-
-def stage_steps(s: Settings, schedulers: Schedulers) -> dict[str, int]:
-    """Denoising steps each stage of ``s.mode`` runs, as diffusers decides them on the real schedule
-    of the chosen scheduler and spacing (loop iterations: what ``callback_on_step_end`` sees)."""
-    base, refiner = schedulers
-
-    def on(packaged: Any, steps: int, field: str = "num_inference_steps") -> schedulers_.Schedule:
-        try:
-            return schedulers_.schedule(packaged, s.scheduler, s.timestep_spacing, steps)
-        except Exception as e:  # diffusers' set_timesteps refuses some counts (PNDM: fewer than 4 steps)
-            raise ValueError(
-                f"'{field}' {steps}: scheduler '{s.scheduler}' cannot make a schedule of {steps} steps "
-                f"({type(e).__name__}: {e})"
-            ) from None
-
+def stage_steps(s: Settings, schedulers: tuple[Any, Any]) -> dict[str, int]:
+    """Denoising steps each stage of ``s.mode`` runs on the packaged (base, refiner) ``schedulers``, as
+    diffusers decides them on the real schedule (loop iterations: what ``callback_on_step_end`` sees)."""
+    base, refiner = (functools.partial(schedulers_.schedule, p, s.scheduler, s.timestep_spacing) for p in schedulers)
     steps, steps_refiner = s.num_inference_steps, s.num_inference_steps_refiner
     strength = resolve_strength(s.strength, inpainting=False)  # image rows, the sequential refiner pass
-    base_schedule = on(base, steps) if s.mode != "img2img" else None
+    base_schedule = base(steps) if s.mode != "img2img" else None
     if s.inpaint:  # the base inpaints with its own strength before any handoff
         base_schedule = schedulers_.with_strength(base_schedule, steps, resolve_strength(s.strength, True))
     if s.mode == "none":
         return {"base": len(base_schedule.timesteps)}
     if s.mode == "ensemble":
-        return {
-            "base": schedulers_.steps_until(base_schedule, handoff(s)),
-            "refiner": schedulers_.steps_from(on(refiner, steps), handoff(s)),
-        }
+        base_steps = schedulers_.steps_until(base_schedule, s.handoff)
+        return {"base": base_steps, "refiner": schedulers_.steps_from(refiner(steps), s.handoff)}
     if s.mode == "sequential":
-        refiner_schedule = on(refiner, steps_refiner, "num_inference_steps_refiner")
-        refined = schedulers_.with_strength(refiner_schedule, steps_refiner, strength)
+        refined = schedulers_.with_strength(refiner(steps_refiner), steps_refiner, strength)
         return {"base": len(base_schedule.timesteps), "refiner": len(refined.timesteps)}
     if s.mode == "img2img":
-        return {"refiner": len(schedulers_.with_strength(on(refiner, steps), steps, strength).timesteps)}
+        return {"refiner": len(schedulers_.with_strength(refiner(steps), steps, strength).timesteps)}
     raise ValueError(f"unknown mode {s.mode!r}")
 
 
-def check_steps(s: Settings, schedulers: Schedulers) -> None:
-    """Every stage of the mode must run at least one denoising step; raises ``ValueError`` naming the params."""
+def check_steps(s: Settings, schedulers: tuple[Any, Any]) -> None:
+    """Every stage must run at least one denoising step; raises ``ValueError`` naming the params."""
     strength = resolve_strength(s.strength, inpainting=False)
     img2img_steps = {"img2img": s.num_inference_steps, "sequential": s.num_inference_steps_refiner}.get(s.mode)
     if img2img_steps is not None and int(img2img_steps * strength) < 1:
@@ -280,35 +255,21 @@ def check_steps(s: Settings, schedulers: Schedulers) -> None:
             f"'strength' {strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
         )
     planned = stage_steps(s, schedulers)
-    empty = [stage for stage, steps in planned.items() if steps == 0]
-    if not empty:
-        return
-    steps = s.num_inference_steps
-    cutoff = schedulers_.handoff_timestep(
-        schedulers_.schedule(schedulers[0], s.scheduler, s.timestep_spacing, steps), handoff(s)
-    )
-    if s.inpaint and empty[0] == "base":
-        share = (
-            f", after the refiner's share ('refiner_ratio' {s.refiner_ratio}: it takes over at timestep {cutoff}),"
-            if s.mode == "ensemble"
-            else ""
-        )
+    empty = next((stage for stage, steps in planned.items() if steps == 0), None)
+    steps, train_steps = s.num_inference_steps, schedulers[0].config.num_train_timesteps
+    cutoff = f"the refiner takes over at timestep {schedulers_.handoff_timestep(train_steps, s.handoff)}"
+    if empty == "base" and s.inpaint:
+        share = f", after the refiner's share ('refiner_ratio' {s.refiner_ratio}: {cutoff})," * (s.mode == "ensemble")
+        strength = resolve_strength(s.strength, inpainting=True)
+        message = f"'strength' {strength} × 'num_inference_steps' {steps}{share} leaves the base no inpainting step"
+        raise ValueError(f"{message}; raise either")
+    if empty:
         raise ValueError(
-            f"'strength' {resolve_strength(s.strength, True)} × 'num_inference_steps' {steps}{share} leaves the "
-            "base no inpainting step; raise either"
+            f"'refiner_ratio' {s.refiner_ratio} with 'num_inference_steps' {steps} leaves the {empty} no denoising "
+            f"step: {cutoff}, which splits the '{s.scheduler}' schedule ('timestep_spacing' {s.timestep_spacing}) "
+            f"into {planned['base']} base and {planned['refiner']} refiner steps; raise num_inference_steps or move "
+            "refiner_ratio towards 0.5"
         )
-    if s.mode == "ensemble":
-        raise ValueError(
-            f"'refiner_ratio' {s.refiner_ratio} with 'num_inference_steps' {steps} leaves the {empty[0]} no "
-            f"denoising step: the refiner takes over at timestep {cutoff}, which splits the '{s.scheduler}' "
-            f"schedule ('timestep_spacing' {s.timestep_spacing}) into {planned['base']} base and "
-            f"{planned['refiner']} refiner steps; raise num_inference_steps or move refiner_ratio towards 0.5"
-        )
-    raise ValueError(f"'num_inference_steps' {steps} leaves the {empty[0]} no denoising step")
-
-
-def _schedulers(catalog: Catalog | None) -> Schedulers:
-    return catalog.schedulers if catalog is not None else Catalog().schedulers
 
 
 def _image_given(value: Any) -> bool:
@@ -384,16 +345,19 @@ def parse_row(
         negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
         image = _image(row.get("image"), limits)
         mask = _mask(row.get("mask"), image, limits)
-        seed = _given_seed(index, params.seed if "seed" in overrides else -1, request)
+        seed = _given_seed(index, row, request)  # the seed column was validated with params
         if seed is None:
             seed = _random_seed()
         settings = _settings(params, limits, image, mask)
-        check_steps(settings, _schedulers(catalog))
+        check_steps(settings, (catalog or Catalog()).schedulers)
         text = resolve_row(params, prompt, negative_prompt, catalog)
         settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
     except ValueError as e:
         prompt = row.get("prompt")
-        seed = _seed_of_failed(index, row, request)
+        try:  # a failed row is returned with the seed it was given
+            seed = _given_seed(index, row, request)
+        except ValueError:  # pydantic's ValidationError included
+            seed = None
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None, seed) from None
     return RowSpec(
         index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt, mask
@@ -435,9 +399,8 @@ def parse_request(
 def check_whole_request(
     model_input: Any, params: dict | None, limits: ModelConfig, catalog: Catalog | None = None
 ) -> tuple[GenerationParams, pd.DataFrame]:
-    """The request-level checks: params, limits, the input's shape, and the steps of the modes its rows
-    run with the request's params. They raise ``MlflowException`` naming the param (never ``Row N:``),
-    also with ``on_error="null"``, before any row is generated (a batch job runs them before writing)."""
+    """The request-level checks (params, limits, the input's shape, the steps of its rows' modes): they raise
+    ``MlflowException`` naming the param, never ``Row N:``, also with ``on_error="null"``."""
     if params is not None and not isinstance(params, dict):
         raise MlflowException.invalid_parameter_value(
             f"Params must be a mapping of names to values, got {type(params).__name__}"
@@ -457,9 +420,8 @@ STEP_FIELDS = ("num_inference_steps", "strength")  # the row columns that change
 
 
 def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelConfig, catalog: Catalog | None) -> None:
-    """The request's params must give every stage a step in each mode run by a row that relies on them
-    (text-to-image rows: ``refiner``; rows with an image: img2img; with an image and a mask: inpainting
-    in the ``refiner`` mode). Rows with their own steps or strength are checked as rows."""
+    """The request's params must give every stage a step in each mode of the rows that rely on them (text:
+    ``refiner``; image: img2img; image and mask: inpainting); rows with their own steps or strength are rows'."""
     own = pd.Series(False, index=frame.index)
     for field in (f for f in STEP_FIELDS if f in frame.columns):
         own |= frame[field].map(_present).astype(bool)
@@ -470,7 +432,7 @@ def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelCo
         modes.add((settings.mode, True) if image and mask else ("img2img", False) if image else (settings.mode, False))
     try:
         for mode, inpaint in sorted(modes):
-            check_steps(replace(settings, mode=mode, inpaint=inpaint), _schedulers(catalog))
+            check_steps(replace(settings, mode=mode, inpaint=inpaint), (catalog or Catalog()).schedulers)
     except ValueError as e:
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
 

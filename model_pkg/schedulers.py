@@ -98,16 +98,13 @@ def sdxl_scheduler() -> SchedulerMixin:
     return EulerDiscreteScheduler(**SDXL_SCHEDULER)
 
 
-# -- how many steps a pipeline call runs -------------------------------------------------------------
-# diffusers' SDXL pipelines decide this from the timestep values of the schedule (``denoising_end`` /
-# ``denoising_start`` cut at a timestep, ``strength`` skips leading steps), not from the step count.
-# Counts are loop iterations, i.e. model evaluations (what ``callback_on_step_end`` sees): second-order
-# schedulers (Heun, KDPM2) run about two per step.
+# -- how many steps a pipeline call runs: diffusers cuts on timestep values, not step numbers ----------
+# Counts are loop iterations (model evaluations): second-order schedulers (Heun, KDPM2) run ~2 per step.
 
 
 @dataclass(frozen=True)
 class Schedule:
-    timesteps: tuple[float, ...]  # in the order the pipeline runs them
+    timesteps: tuple[float, ...]
     order: int
     num_train_timesteps: int
 
@@ -116,32 +113,32 @@ class Schedule:
 def schedule(packaged: SchedulerMixin, name: str, timestep_spacing: str, steps: int) -> Schedule:
     """The schedule a pipeline call with ``steps`` runs on (``set_timesteps``, as ``retrieve_timesteps`` does)."""
     scheduler = make_scheduler(packaged, name, timestep_spacing)
-    scheduler.set_timesteps(steps, device="cpu")
+    try:
+        scheduler.set_timesteps(steps, device="cpu")
+    except Exception as e:  # diffusers refuses some counts (PNDM: fewer than 4 steps)
+        raise ValueError(f"'scheduler' {name} cannot make a schedule of {steps} steps ({e})") from None
     return Schedule(tuple(float(t) for t in scheduler.timesteps), scheduler.order, scheduler.config.num_train_timesteps)
 
 
-def handoff_timestep(s: Schedule, fraction: float) -> int:
-    """The timestep at which ``denoising_end`` / ``denoising_start`` = ``fraction`` cuts the schedule."""
-    return round(s.num_train_timesteps - fraction * s.num_train_timesteps)  # diffusers: int(round(...))
+def handoff_timestep(num_train_timesteps: int, fraction: float) -> int:
+    """The timestep at which ``denoising_end`` / ``denoising_start`` = ``fraction`` cuts a schedule."""
+    return round(num_train_timesteps - fraction * num_train_timesteps)  # diffusers: int(round(...))
 
 
 def steps_until(s: Schedule, denoising_end: float) -> int:
-    """Steps of a pipeline with ``denoising_end`` (StableDiffusionXL(Inpaint)Pipeline: the timesteps at or
-    above the cut)."""
-    cutoff = handoff_timestep(s, denoising_end)
-    return sum(t >= cutoff for t in s.timesteps)
+    """Steps of a pipeline with ``denoising_end``: the timesteps at or above the cut."""
+    return sum(t >= handoff_timestep(s.num_train_timesteps, denoising_end) for t in s.timesteps)
 
 
 def steps_from(s: Schedule, denoising_start: float) -> int:
     """Steps of an img2img / inpainting pipeline with ``denoising_start`` (``get_timesteps``)."""
-    steps = sum(t < handoff_timestep(s, denoising_start) for t in s.timesteps)
+    steps = sum(t < handoff_timestep(s.num_train_timesteps, denoising_start) for t in s.timesteps)
     if s.order == 2 and steps % 2 == 0:  # diffusers ends a second-order step on its second evaluation
         steps += 1
     return min(steps, len(s.timesteps))
 
 
 def with_strength(s: Schedule, steps: int, strength: float) -> Schedule:
-    """The part of the schedule an img2img / inpainting pipeline runs with ``strength`` (``get_timesteps``
-    skips the first ``steps - int(steps × strength)`` steps)."""
+    """What img2img / inpainting runs with ``strength``: all but the first ``steps - int(steps × strength)``."""
     start = max(steps - min(int(steps * strength), steps), 0)
     return replace(s, timesteps=s.timesteps[start * s.order :])
