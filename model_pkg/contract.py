@@ -12,7 +12,7 @@ param in, so "not given" is spelled with a sentinel: ``seed=-1`` draws a random 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -76,7 +76,9 @@ class GenerationParams(BaseModel):
         description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
         "(denoising_end/denoising_start); sequential: base then refiner img2img",
     )
-    refiner_ratio: float = Field(0.2, gt=0, lt=1, description="ensemble: fraction of the steps run by the refiner")
+    refiner_ratio: float = Field(
+        0.2, gt=0, lt=1, description="ensemble: the refiner runs the schedule below timestep 1000 × (1 - ratio)"
+    )
     num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
     num_inference_steps_refiner: int = Field(
         -1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps"
@@ -157,10 +159,14 @@ class GenerationParams(BaseModel):
             raise ValueError("must be a number, not a boolean")
         return value
 
-    @field_validator("output_format", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _lower_format(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+    def _choices_in_any_case(cls, value: object, info: ValidationInfo) -> object:
+        """A choice param (a ``Literal``) matches in any case, as scheduler names do: ``"None"`` → ``"none"``."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, str) and get_origin(annotation) is Literal:
+            return next((choice for choice in get_args(annotation) if choice.lower() == value.lower()), value)
+        return value
 
 
 def format_error(error: ValidationError, where: str) -> str:

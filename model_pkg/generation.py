@@ -3,8 +3,9 @@
 Modes (``Settings.mode``), following the diffusers SDXL docs:
 
 - ``none``: the base alone.
-- ``ensemble``: "ensemble of expert denoisers": the base runs the first ``1 - refiner_ratio`` of the
-  schedule (``denoising_end``) and hands its latents to the refiner (``denoising_start``).
+- ``ensemble``: "ensemble of expert denoisers": the base runs the schedule down to timestep
+  ``1000 × (1 - refiner_ratio)`` (``denoising_end``) and hands its latents to the refiner
+  (``denoising_start``); how many steps that is per stage: :func:`model_pkg.request.stage_steps`.
 - ``sequential``: the base denoises fully, the refiner runs img2img (SDEdit) on its latents with its
   own steps, guidance and ``strength``.
 - ``img2img``: rows with an input image run the refiner as img2img (the Azure refiner model).
@@ -28,8 +29,9 @@ from model_pkg.contract import resolve_strength
 from model_pkg.pipelines import Pipelines, call_view
 from model_pkg.request import RowSpec, Settings, parse_request
 
-# on_step(stage, step_index): called after every denoising step; stage is "base" or "refiner".
-StepCallback = Callable[[str, int], None]
+# on_step(stage, step_index, pipeline): called after every denoising step (diffusers'
+# callback_on_step_end); stage is "base" or "refiner", pipeline the per-call view that ran it.
+StepCallback = Callable[[str, int, Any], None]
 
 
 def plan_batches(rows: list[RowSpec], max_batch_size: int) -> list[list[RowSpec]]:
@@ -49,7 +51,7 @@ def _step_callback(stage: str, on_step: StepCallback | None) -> dict[str, Any]:
         return {}
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        on_step(stage, step)
+        on_step(stage, step, pipe)
         return tensors
 
     return {"callback_on_step_end": callback}
@@ -111,7 +113,7 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     if s.mode == "none":
         return base(**base_args).images
     if s.mode == "ensemble":
-        split = 1.0 - s.refiner_ratio
+        split = s.handoff  # the steps each stage runs: request.stage_steps
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         return refiner(
             **refiner_common,
@@ -157,7 +159,7 @@ def _inpaint(
     if s.mode == "none":
         images = base(**base_args).images
     elif s.mode == "ensemble":
-        split = 1.0 - s.refiner_ratio
+        split = s.handoff
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         images = refiner(
             **refiner_args,

@@ -37,6 +37,8 @@ from model_pkg.contract import GenerationParams
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# The largest side each output format can hold (libjpeg: 65500, libwebp: 16383; PNG: 2^31 - 1).
+MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}
 
 
 class ImageError(ValueError):
@@ -75,6 +77,15 @@ def decode_image(
         return image.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(f"image data is corrupt ({type(e).__name__}: {e})") from None
+
+
+def check_encodable(fmt: str, width: int, height: int) -> None:
+    """Raise ``ValueError`` when ``fmt`` cannot hold a ``width``×``height`` image (checked before generating)."""
+    if max(width, height) > MAX_SIDE[fmt]:
+        raise ValueError(
+            f"'output_format' {fmt} cannot hold a {width}×{height} image: {fmt.upper()} is limited to "
+            f"{MAX_SIDE[fmt]} pixels a side; use png or a smaller size"
+        )
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95, pnginfo: object = None) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,7 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     catalog = load_catalog(
         root, base, manifest.get(K.STYLES), manifest.get(K.LORAS) or {}, manifest.get(K.HASHES) or {}
     )
+    catalog = replace(catalog, schedulers=(base.scheduler, refiner.scheduler))  # steps are planned on them
     return Pipelines(
         base=base,
         refiner=refiner,
@@ -188,8 +189,10 @@ def apply_options(base: DiffusionPipeline, refiner: DiffusionPipeline, config: M
         for pipe in (base, refiner):
             pipe.to(device)
     if config.compile != "none":
-        for pipe in (base, refiner):
-            pipe.unet = torch.compile(pipe.unet, mode=config.compile_mode)
+        for unet in unets:
+            # in place: the UNet stays a diffusers model, so LoRA switching (enable/disable_lora,
+            # set_adapters) still reaches it; a torch.compile wrapper would be skipped by diffusers
+            unet.compile(mode=config.compile_mode)
         if config.compile == "unet+vae":
             for vae in vaes:
                 vae.decode = torch.compile(vae.decode, mode=config.compile_mode)

@@ -65,7 +65,7 @@ def score(spark: SparkSession, model_uri: str, df: DataFrame, params: dict[str, 
     params = BATCH_DEFAULTS | (params or {})
     udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=result_type(params), params=params, env_manager="local")
     out = df.select("row", udf(input_struct(df)).alias("r"))
-    error = F.col("r.error") if params["on_error"] == "null" else F.lit(None).cast("string")
+    error = F.col("r.error") if "error" in result_type(params).fieldNames() else F.lit(None).cast("string")
     return out.select(
         "row",
         "r.prompt",

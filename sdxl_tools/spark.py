@@ -48,7 +48,7 @@ def result_type(params: Mapping[str, Any] | None = None) -> StructType:
     ``prompt string, generated_image string, nsfw_content_detected boolean, seed long``, plus
     ``error string`` when ``params["on_error"] == "null"`` (the model then returns that column).
     """
-    with_errors = (params or {}).get("on_error") == "null"
+    with_errors = str((params or {}).get("on_error", "")).lower() == "null"  # the model takes any case
     return _struct(SPARK_RESULT_TYPE_WITH_ERRORS if with_errors else SPARK_RESULT_TYPE)
 
 

@@ -29,7 +29,8 @@ BAD_ROWS = {  # row → (its fields, the start of its error)
     23: ({"prompt": "a cat", "seed": "lots"}, "'seed': Input should be a valid integer"),
     41: ({"prompt": "a cat", "num_inference_steps": 0}, "'num_inference_steps': Input should be greater"),
     66: ({"prompt": "a cat", "height": 65}, "'height'/'width' 64×65: width and height must be multiples of 8"),
-    88: ({"prompt": "a cat", "image": "http://127.0.0.1/cat.png"}, "'image': URLs are not fetched"),
+    # its own steps: the request's 2 steps × strength 0.3 would leave an image row no step (a request error)
+    88: ({"prompt": "a cat", "image": "http://127.0.0.1/cat.png", "num_inference_steps": 10}, "'image': URLs are not"),
 }
 
 
@@ -87,6 +88,8 @@ def test_killed_job_resumes_every_row_exactly_once(model, artifact, tmp_path):
     by_row = {e["row"]: e for e in entries}
     for row, (_, message) in BAD_ROWS.items():
         assert by_row[row]["file"] is None and by_row[row]["error"].startswith(message), by_row[row]
+    # a failed row keeps the seed it was given (file-wide request seed + row); row 23's own seed is not a number
+    assert {row: by_row[row]["seed"] for row in BAD_ROWS} == {7: 1007, 23: None, 41: 1041, 66: 1066, 88: 1088}
     good = [e for e in entries if e["row"] not in BAD_ROWS]
     assert all(e["error"] is None for e in good)
     assert [e["seed"] for e in good] == [1000 + e["row"] for e in good]  # file-wide seeds, not per chunk

@@ -143,6 +143,7 @@ def test_sample_scores_100_rows_with_5_bad_into_a_table_and_files(spark, artifac
     frame = pd.DataFrame(rows).reindex(columns=[c.split()[0] for c in schema.split(",")]).astype(object)
     spark.createDataFrame(frame.where(frame.notna(), None), schema).write.parquet(str(tmp_path / "prompts.parquet"))
     params = {"num_inference_steps": 2, "height": 64, "width": 64, "refiner": "none"}  # cheap; on_error=null default
+    params["strength"] = 0.5  # image rows run 2 × 0.5 = 1 step (with 0.3, none: a request error)
 
     table = load_sample().score_file(
         spark, str(artifact), str(tmp_path / "prompts.parquet"), str(tmp_path / "table"), str(tmp_path / "images"),

@@ -168,7 +168,7 @@ def count_steps(model, rows: pd.DataFrame, params: dict) -> Counter:
     python_model = model.unwrap_python_model()
     steps: Counter = Counter()
     for batch in plan_batches(parse_request(rows, params, python_model.config).rows, 8):
-        generate_batch(python_model.pipelines, batch, on_step=lambda stage, i: steps.update([stage]))
+        generate_batch(python_model.pipelines, batch, on_step=lambda stage, i, pipe: steps.update([stage]))
     return steps
 
 
@@ -320,10 +320,14 @@ def test_with_on_error_null_a_bad_mask_costs_only_its_row(model):
 
 
 def test_inpainting_step_errors_say_which_params_to_raise(model):
-    with pytest.raises(MlflowException, match=r"Row 0: 'strength' 0.1 × 'num_inference_steps' 10, after the refiner"):
-        model.predict(frame(inpaint_row()), params=FAST | {"strength": 0.1})
-    with pytest.raises(MlflowException, match=r"Row 0: 'strength' 0.05 × 'num_inference_steps' 10 leaves the base"):
+    """The request's params leave its inpainting rows no step: a request error (also with on_error=null)."""
+    message = r"Invalid param 'strength' 0.1 × 'num_inference_steps' 10, after the refiner's share"
+    with pytest.raises(MlflowException, match=message):
+        model.predict(frame(inpaint_row()), params=FAST | {"strength": 0.1, "on_error": "null"})
+    with pytest.raises(MlflowException, match=r"Invalid param 'strength' 0.05 × 'num_inference_steps' 10 leaves the"):
         model.predict(frame(inpaint_row()), params=FAST | {"strength": 0.05, "refiner": "none"})
+    with pytest.raises(MlflowException, match=r"Row 0: 'strength' 0.05 × 'num_inference_steps' 10 leaves the base"):
+        model.predict(frame(inpaint_row() | {"strength": 0.05}), params=FAST | {"refiner": "none"})  # its own
 
 
 # -- everywhere rows go -----------------------------------------------------------------------------

@@ -110,7 +110,11 @@ def test_bad_params_name_the_param(params, message):
         ({"prompt": "a", "height": 1020}, {}, "Row 1: 'height'/'width' 1024×1020: width and height must be multiples"),
         ({"prompt": "a", "height": 4096, "width": 4096}, {}, "Row 1: 'height'/'width' 4096×4096 is over the"),
         ({"prompt": "a", "num_inference_steps": 151}, {}, "Row 1: 'num_inference_steps' 151 is over the limit of 150"),
-        ({"prompt": "a", "num_inference_steps": 2}, {}, "Row 1: 'refiner_ratio' 0.2 × 'num_inference_steps' 2 must"),
+        (
+            {"prompt": "a", "num_inference_steps": 1},
+            {},
+            "Row 1: 'refiner_ratio' 0.2 with 'num_inference_steps' 1 leaves the base no denoising step",
+        ),
         (
             {"prompt": "a", "image": png_b64(), "num_inference_steps": 3},
             {},
@@ -156,3 +160,37 @@ def test_model_config_validates_and_env_overrides_device_and_dtype():
 
 def test_every_scheduler_name_is_listed_in_errors():
     assert set(scheduler_names()) >= {"default", "DDIM", "K_EULER", "K_EULER_ANCESTRAL", "K_DPMPP_2M", "PNDM"}
+
+
+def test_enum_params_accept_any_case_everywhere():
+    """Every choice param is matched case-insensitively (as scheduler names are) and stored canonical."""
+    mixed = {
+        "refiner": "None",
+        "timestep_spacing": "Leading",
+        "output_format": "WebP",
+        "output_encoding": "DATA_URI",
+        "on_error": "NULL",
+        "prompt_weighting": "Off",
+        "scheduler": "k_euler",
+    }
+    p = GenerationParams.model_validate(mixed)
+    assert p.model_dump(include=set(mixed)) == {
+        "refiner": "none",
+        "timestep_spacing": "leading",
+        "output_format": "webp",
+        "output_encoding": "data_uri",
+        "on_error": "null",
+        "prompt_weighting": "off",
+        "scheduler": "K_EULER",
+    }
+    [row] = parse({"prompt": "a"}, **mixed)
+    assert (row.settings.mode, row.settings.timestep_spacing, row.settings.output_encoding) == (
+        "none",
+        "leading",
+        "data_uri",
+    )
+    with pytest.raises(MlflowException, match=r"^Invalid param 'refiner': Input should be 'none', 'ensemble' or"):
+        parse({"prompt": "a"}, refiner="both")
+    from sdxl_tools.spark import result_type
+
+    assert "error" in result_type({"on_error": "NULL"}).fieldNames()  # the model returns the column
