@@ -82,6 +82,7 @@ class Catalog:
     watermarker: Any = None  # diffusers' StableDiffusionXLWatermarker when invisible-watermark is installed
     model_hash: str = ""  # sha256 over the components' hashes: which weights made an image
     schedulers: tuple[Any, Any] = field(default_factory=lambda: (sdxl_scheduler(),) * 2)  # (base, refiner), packaged
+    runtime: dict[str, str] = field(default_factory=dict)  # {"device", "dtype"} the images are computed in
 
 
 @dataclass(frozen=True)
@@ -112,15 +113,22 @@ def model_hash(hashes: dict[str, str]) -> str:
 
 
 def load_catalog(
-    root: Path, base: Any, styles: str | None, loras: dict[str, dict[str, str]], hashes: dict[str, str]
+    root: Path,
+    base: Any,
+    styles: str | None,
+    loras: dict[str, dict[str, str]],
+    hashes: dict[str, str],
+    runtime: dict[str, str] | None = None,
 ) -> Catalog:
-    """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker."""
+    """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker;
+    ``runtime``: the device and dtype the pipelines were loaded in."""
     return Catalog(
         styles=load_styles(root / styles) if styles else StyleTable(),
         loras=lora.load_loras(base, root, loras),
         tokenizers=tuple(t for t in (base.tokenizer, base.tokenizer_2) if t is not None),
         watermarker=make_watermarker(),
         model_hash=model_hash(hashes),
+        runtime=dict(runtime or {}),
     )
 
 

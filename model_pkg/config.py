@@ -22,7 +22,7 @@ class ModelConfig(BaseModel):
 
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: float16 on CUDA, float32 elsewhere"
+        "auto", description="auto: float16 on CUDA, bfloat16 on a CPU with native bfloat16, float32 elsewhere"
     )
     torch_threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0 leaves torch's default. Pin it for bit-identical CPU output"

@@ -12,9 +12,10 @@ two text chunks (``png_metadata``, on by default):
 - ``sdxl_pyfunc``: JSON ``{"request": <MLflow scoring body>, "model": {...}}``. ``request`` is a
   ``dataframe_records`` body with every resolved param, so posting it to ``/invocations`` (or
   ``predict(pd.DataFrame(r["dataframe_records"]), params=r["params"])``) reproduces the image byte
-  for byte on the same artifact (``model.model_hash``). Image-to-image and inpainting rows record the
-  input image's (and mask's) sha256 only: send the same image (and mask) again. ``mode`` says which
-  of text-to-image, image-to-image or inpainting made the image.
+  for byte on the same artifact (``model.model_hash``), device and dtype (``model.device``,
+  ``model.dtype``). Image-to-image and inpainting rows record the input image's (and mask's) sha256
+  only: send the same image (and mask) again. ``mode`` says which of text-to-image, image-to-image or
+  inpainting made the image.
 
 JPEG and WebP carry no metadata.
 """
@@ -178,6 +179,9 @@ def metadata(row: Any, catalog: Any) -> dict[str, Any]:
         "model_hash": catalog.model_hash if catalog else "",
         "styles_version": catalog.styles.version if catalog else "none",
         "loras": {name: catalog.loras[name] for name, _ in row.settings.lora} if catalog else {},
+        # where and in which precision the image was computed (same seed, other dtype: other pixels)
+        "device": catalog.runtime.get("device", "") if catalog else "",
+        "dtype": catalog.runtime.get("dtype", "") if catalog else "",
     }
     if row.image is not None:
         model["input_image_sha256"] = hashlib.sha256(row.image.tobytes()).hexdigest()

@@ -26,7 +26,7 @@ ROWS = frame({"prompt": "a cat with a hat", "seed": 1}, {"prompt": "a dog on a b
 
 def generate(sdxl_dir, params: dict | None = None, **options) -> tuple[np.ndarray, Pipelines]:
     """Generate ROWS with pipelines loaded under the given model-config options; (images, pipelines)."""
-    config = ModelConfig(**options)
+    config = ModelConfig(**({"dtype": "float32"} | options))  # float32 unless the test asks otherwise
     pipes = load_pipelines(sdxl_dir, config)
     rows = parse_request(ROWS, FAST | (params or {}), config).rows
     return np.stack([np.asarray(im, dtype=np.int16) for im in generate_batch(pipes, rows)]), pipes
