@@ -1,7 +1,9 @@
 """Images in and out: decoding input images, encoding outputs, and the PNG generation metadata.
 
-Input: base64 / ``data:`` URI → PIL. Only inline images are accepted: a URL is refused and never
-fetched (no server-side request forgery). Size limits are checked on the encoded bytes and on the
+Input: base64 / ``data:`` URI → PIL, in every base64 form clients send: standard or URL-safe alphabet,
+with or without padding, MIME line-wrapped (``base64.encodebytes``, LF or CRLF) or with other
+whitespace, behind any ``data:<type>[;params];base64,`` prefix. Only inline images are accepted: a URL
+is refused and never fetched (no server-side request forgery). Size limits are checked on the encoded bytes and on the
 header's dimensions before the pixel data is decoded, so a decompression bomb costs nothing.
 
 Output: PNG / JPEG / WebP with ``output_quality``, as bare base64 or a ``data:`` URI. A PNG carries
@@ -23,7 +25,6 @@ JPEG and WebP carry no metadata.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import io
 import json
@@ -35,7 +36,9 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from model_pkg import lora
 from model_pkg.contract import GenerationParams
 
-_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_DATA_URI = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)  # any media type and parameters
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_=\s]")  # both alphabets, padding, whitespace
+_URL_SAFE = str.maketrans("-_", "+/")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # The largest side each output format can hold (libjpeg: 65500, libwebp: 16383; PNG: 2^31 - 1).
@@ -50,16 +53,9 @@ def decode_image(
     text: str, *, max_bytes: int, max_pixels: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 ) -> Image.Image:
     """Decode a base64 string or ``data:image/...;base64,`` URI into an RGB image."""
-    text = text.strip()
-    if _URL.match(text):
+    if _URL.match(text.strip()):
         raise ImageError("URLs are not fetched; send the image inline as base64 or a data:image/...;base64, URI")
-    text = _DATA_URI.sub("", text, count=1)
-    if len(text) > (max_bytes * 4) // 3 + 4:
-        raise ImageError(f"image is larger than the {max_bytes}-byte limit (max_image_bytes)")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"not valid base64 ({e})") from None
+    raw = decode_base64(text.strip(), max_bytes)
     try:
         image = Image.open(io.BytesIO(raw), formats=list(formats))  # reads the header only
     except UnidentifiedImageError:
@@ -87,6 +83,25 @@ def check_encodable(fmt: str, width: int, height: int) -> None:
             f"'output_format' {fmt} cannot hold a {width}×{height} image: {fmt.upper()} is limited to "
             f"{MAX_SIDE[fmt]} pixels a side; use png or a smaller size"
         )
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """The bytes of any common base64 form of ``text`` (see the module docstring), or an
+    :class:`ImageError` that says what is wrong and where (positions count from the start of ``text``)."""
+    prefix = _DATA_URI.match(text)
+    start = prefix.end() if prefix else 0
+    if text[:5].lower() == "data:" and not prefix:
+        raise ImageError("a data: URI must be base64-encoded: data:<type>;base64,<data>")
+    if bad := _NOT_BASE64.search(text, start):
+        raise ImageError(f"not valid base64: invalid character {bad.group()!r} at position {bad.start()}")
+    body = "".join(text[start:].split()).translate(_URL_SAFE).rstrip("=")
+    if "=" in body:
+        raise ImageError(f"not valid base64: padding '=' at position {text.index('=', start)}, before the end")
+    if len(body) % 4 == 1:
+        raise ImageError(f"not valid base64: {len(body)} base64 characters cannot be whole bytes (truncated?)")
+    if len(body) * 3 // 4 > max_bytes:
+        raise ImageError(f"image is larger than the {max_bytes}-byte limit (max_image_bytes)")
+    return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95, pnginfo: object = None) -> str:

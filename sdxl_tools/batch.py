@@ -388,6 +388,7 @@ def _run(
     params = {"on_error": "null", **(params or {})}
     request = parse_params(params)  # bad params fail here, before any output is written
     df = read_prompts(input_path)
+    model.unwrap_python_model().check_request(df, params)  # request-level errors before anything is written
     _check_job(output, input_path, params, loaded_identity(model, source))
     df = fix_seeds(df, request.seed)
     fmt = request.output_format

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from helpers import png_b64
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from model_pkg.catalog import model_hash
@@ -287,3 +288,14 @@ def test_a_second_job_on_the_same_folder_is_refused_at_once(artifact, tmp_path):
     assert f"{output} is in use by another batch job (pid {first.pid})" in second.stderr
     rows = [e["row"] for e in manifest(output)]
     assert len(rows) == len(set(rows))  # every row once: only the first job wrote
+
+
+def test_a_request_level_error_fails_the_job_before_anything_is_written(model, tmp_path):
+    """steps=1 with the default ensemble leaves the refiner no step: that is the request's error, not
+    every row's, so the job refuses to start and binds no folder to those params."""
+    prompts = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": ["a cat", "a dog"]}).to_csv(prompts, index=False)
+    out = tmp_path / "out"
+    with pytest.raises(MlflowException, match=r"^Invalid param 'refiner_ratio' 0.2 with 'num_inference_steps' 1"):
+        run(model, prompts, out, {"num_inference_steps": 1}, progress=False)
+    assert not (out / JOB_FILE).exists() and not (out / MANIFEST).exists()
