@@ -58,6 +58,7 @@ def write_chart(results: list[Ratio], path: Path) -> None:
 SCRIPTS = {
     "Serving: REST round trip / in-process predict, latency and throughput": ["bench_serving.py"],
     "Batch: file job and spark_udf vs a loop of single-row predicts": ["bench_batch.py", "--torch-threads", "1"],
+    "Inpainting: pyfunc predict vs raw diffusers SDXL inpainting": ["bench_inpaint.py", "--torch-threads", "1"],
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from model_pkg import lora, prompts
+from model_pkg.schedulers import sdxl_scheduler
 
 STYLES_FILE = "styles.json"
 PLACEHOLDER = "{prompt}"
@@ -80,6 +81,7 @@ class Catalog:
     tokenizers: tuple[Any, ...] = ()  # the base's two tokenizers: for counting prompt windows
     watermarker: Any = None  # diffusers' StableDiffusionXLWatermarker when invisible-watermark is installed
     model_hash: str = ""  # sha256 over the components' hashes: which weights made an image
+    schedulers: tuple[Any, Any] = field(default_factory=lambda: (sdxl_scheduler(),) * 2)  # (base, refiner), packaged
     runtime: dict[str, str] = field(default_factory=dict)  # {"device", "dtype"} the images are computed in
 
 
@@ -159,6 +161,9 @@ def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog
             raise ValueError(f"'prompt': adapter {sorted(twice)[0]!r} is selected by both 'lora' and a <lora:...> tag")
         selection = tuple(sorted(selection + tagged))
     chunks = 0
+    if params.prompt_weighting == "auto":  # "off": the text goes to diffusers as it is, weights included
+        prompts.check_weights(prompt, "prompt")
+        prompts.check_weights(negative_prompt, "negative_prompt")
     if params.prompt_weighting == "auto" and catalog.tokenizers:
         chunks = prompts.needs_chunked_encoding([styled, styled_negative], catalog.tokenizers)
     return RowText(

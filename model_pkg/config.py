@@ -34,6 +34,11 @@ class ModelConfig(BaseModel):
     max_prompt_chars: int = Field(4_000, ge=1, description="longest prompt / negative_prompt, in characters")
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
+    max_request_image_pixels: int = Field(
+        16 * 2048 * 2048,
+        ge=64 * 64,
+        description="decoded pixels of all input images of one request, held until it ends (~256 MiB as RGB)",
+    )
     image_formats: tuple[str, ...] = Field(
         ("PNG", "JPEG", "WEBP"), min_length=1, description="accepted input image formats (Pillow format names)"
     )

@@ -1,7 +1,9 @@
 """Images in and out: decoding input images, encoding outputs, and the PNG generation metadata.
 
-Input: base64 / ``data:`` URI → PIL. Only inline images are accepted: a URL is refused and never
-fetched (no server-side request forgery). Size limits are checked on the encoded bytes and on the
+Input: base64 / ``data:`` URI → PIL, in every base64 form clients send: standard or URL-safe alphabet,
+with or without padding, MIME line-wrapped (``base64.encodebytes``, LF or CRLF) or with other
+whitespace, behind any ``data:<type>[;params];base64,`` prefix. Only inline images are accepted: a URL
+is refused and never fetched (no server-side request forgery). Size limits are checked on the encoded bytes and on the
 header's dimensions before the pixel data is decoded, so a decompression bomb costs nothing.
 
 Output: PNG / JPEG / WebP with ``output_quality``, as bare base64 or a ``data:`` URI. A PNG carries
@@ -13,7 +15,9 @@ two text chunks (``png_metadata``, on by default):
   ``dataframe_records`` body with every resolved param, so posting it to ``/invocations`` (or
   ``predict(pd.DataFrame(r["dataframe_records"]), params=r["params"])``) reproduces the image byte
   for byte on the same artifact (``model.model_hash``), device and dtype (``model.device``,
-  ``model.dtype``). Image-to-image rows record the input image's sha256 only: send the same image again.
+  ``model.dtype``). Image-to-image and inpainting rows record the input image's (and mask's) sha256
+  only: send the same image (and mask) again. ``mode`` says which of text-to-image, image-to-image or
+  inpainting made the image.
 
 JPEG and WebP carry no metadata.
 """
@@ -21,7 +25,6 @@ JPEG and WebP carry no metadata.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import io
 import json
@@ -33,9 +36,13 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from model_pkg import lora
 from model_pkg.contract import GenerationParams
 
-_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_DATA_URI = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)  # any media type and parameters
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_=\s]")  # both alphabets, padding, whitespace
+_URL_SAFE = str.maketrans("-_", "+/")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# The largest side each output format can hold (libjpeg: 65500, libwebp: 16383; PNG: 2^31 - 1).
+MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}
 
 
 class ImageError(ValueError):
@@ -46,16 +53,9 @@ def decode_image(
     text: str, *, max_bytes: int, max_pixels: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 ) -> Image.Image:
     """Decode a base64 string or ``data:image/...;base64,`` URI into an RGB image."""
-    text = text.strip()
-    if _URL.match(text):
+    if _URL.match(text.strip()):
         raise ImageError("URLs are not fetched; send the image inline as base64 or a data:image/...;base64, URI")
-    text = _DATA_URI.sub("", text, count=1)
-    if len(text) > (max_bytes * 4) // 3 + 4:
-        raise ImageError(f"image is larger than the {max_bytes}-byte limit (max_image_bytes)")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"not valid base64 ({e})") from None
+    raw = decode_base64(text.strip(), max_bytes)
     try:
         image = Image.open(io.BytesIO(raw), formats=list(formats))  # reads the header only
     except UnidentifiedImageError:
@@ -74,6 +74,34 @@ def decode_image(
         return image.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(f"image data is corrupt ({type(e).__name__}: {e})") from None
+
+
+def check_encodable(fmt: str, width: int, height: int) -> None:
+    """Raise ``ValueError`` when ``fmt`` cannot hold a ``width``×``height`` image (checked before generating)."""
+    if max(width, height) > MAX_SIDE[fmt]:
+        raise ValueError(
+            f"'output_format' {fmt} cannot hold a {width}×{height} image: {fmt.upper()} is limited to "
+            f"{MAX_SIDE[fmt]} pixels a side; use png or a smaller size"
+        )
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """The bytes of any common base64 form of ``text`` (see the module docstring), or an
+    :class:`ImageError` that says what is wrong and where (positions count from the start of ``text``)."""
+    prefix = _DATA_URI.match(text)
+    start = prefix.end() if prefix else 0
+    if text[:5].lower() == "data:" and not prefix:
+        raise ImageError("a data: URI must be base64-encoded: data:<type>;base64,<data>")
+    if bad := _NOT_BASE64.search(text, start):
+        raise ImageError(f"not valid base64: invalid character {bad.group()!r} at position {bad.start()}")
+    body = "".join(text[start:].split()).translate(_URL_SAFE).rstrip("=")
+    if "=" in body:
+        raise ImageError(f"not valid base64: padding '=' at position {text.index('=', start)}, before the end")
+    if len(body) % 4 == 1:
+        raise ImageError(f"not valid base64: {len(body)} base64 characters cannot be whole bytes (truncated?)")
+    if len(body) * 3 // 4 > max_bytes:
+        raise ImageError(f"image is larger than the {max_bytes}-byte limit (max_image_bytes)")
+    return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95, pnginfo: object = None) -> str:
@@ -131,23 +159,27 @@ def reproduction_request(row: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": row.prompt}
     if row.image is not None:
         record["image"] = None  # not embedded: send the same input image again
+    if row.mask is not None:
+        record["mask"] = None
     return {"dataframe_records": [record], "params": dict(sorted(params.items()))}
 
 
 def _summary(row: Any, model: dict[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
     s = row.settings
+    width, height = row.image.size if row.mask is not None else (s.width, s.height)  # inpainting keeps the size
     pairs = {
         "Steps": s.num_inference_steps,
         "Sampler": s.scheduler,
         "CFG scale": s.guidance_scale,
         "Seed": row.seed,
-        "Size": f"{s.width}x{s.height}",
+        "Size": f"{width}x{height}",
         "Model hash": model["model_hash"][:10],
         "Model": "sdxl-1.0",
         "Refiner": s.mode,
         "Style": row.style or None,
         "Lora": lora.format_selection(s.lora) or None,
+        "Mask blur": s.mask_blur if row.mask is not None else None,
     }
     lines = [row.prompt]
     if row.negative_prompt:
@@ -168,7 +200,9 @@ def metadata(row: Any, catalog: Any) -> dict[str, Any]:
     }
     if row.image is not None:
         model["input_image_sha256"] = hashlib.sha256(row.image.tobytes()).hexdigest()
-    return {"request": reproduction_request(row), "model": model}
+    if row.mask is not None:
+        model["input_mask_sha256"] = hashlib.sha256(row.mask.tobytes()).hexdigest()
+    return {"request": reproduction_request(row), "model": model, "mode": row.task}
 
 
 def encode_output(image: Image.Image, row: Any, catalog: Any) -> str:

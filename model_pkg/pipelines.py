@@ -19,13 +19,18 @@ import copy
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.models.attention_processor import AttnProcessor
 
 from model_pkg.catalog import Catalog, load_catalog
@@ -72,6 +77,8 @@ class Pipelines:
     device: torch.device
     dtype: torch.dtype
     catalog: Catalog | None = None  # styles, LoRA adapters (loaded into base), watermarker, model hash
+    inpaint: StableDiffusionXLInpaintPipeline | None = None  # over the base's modules
+    refiner_inpaint: StableDiffusionXLInpaintPipeline | None = None  # over the refiner's modules
 
 
 # CPU features (``torch.cpu.get_capabilities()`` keys) that run bfloat16 matrix maths in hardware:
@@ -168,7 +175,34 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
         manifest.get(K.HASHES) or {},
         runtime={"device": str(device), "dtype": str(dtype).removeprefix("torch.")},
     )
-    return Pipelines(base=base, refiner=refiner, safety_checker=checker, device=device, dtype=dtype, catalog=catalog)
+    catalog = replace(catalog, schedulers=(base.scheduler, refiner.scheduler))  # steps are planned on them
+    return Pipelines(
+        base=base,
+        refiner=refiner,
+        safety_checker=checker,
+        device=device,
+        dtype=dtype,
+        catalog=catalog,
+        inpaint=inpaint_pipeline(base),
+        refiner_inpaint=inpaint_pipeline(refiner),
+    )
+
+
+def inpaint_pipeline(pipe: DiffusionPipeline) -> StableDiffusionXLInpaintPipeline:
+    """An SDXL inpainting pipeline over ``pipe``'s modules, the same objects (as configured by
+    :func:`apply_options`, LoRA adapters included): no weights are copied or cast.
+
+    Built by its constructor rather than ``from_pipe``, which casts the shared modules to its
+    ``dtype`` (float32 by default) and adds a watermarker of its own.
+    """
+    inpaint = StableDiffusionXLInpaintPipeline(
+        **pipe.components,
+        requires_aesthetics_score=pipe.config.get("requires_aesthetics_score", False),
+        force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
 
 
 def _why(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> str:
@@ -208,8 +242,10 @@ def apply_options(base: DiffusionPipeline, refiner: DiffusionPipeline, config: M
         for pipe in (base, refiner):
             pipe.to(device)
     if config.compile != "none":
-        for pipe in (base, refiner):
-            pipe.unet = torch.compile(pipe.unet, mode=config.compile_mode)
+        for unet in unets:
+            # in place: the UNet stays a diffusers model, so LoRA switching (enable/disable_lora,
+            # set_adapters) still reaches it; a torch.compile wrapper would be skipped by diffusers
+            unet.compile(mode=config.compile_mode)
         if config.compile == "unet+vae":
             for vae in vaes:
                 vae.decode = torch.compile(vae.decode, mode=config.compile_mode)

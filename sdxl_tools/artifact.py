@@ -42,7 +42,7 @@ from mlflow.types.schema import AnyType
 import model_pkg
 from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.config import load_model_config
-from model_pkg.contract import ERROR_COLUMN, ROW_FIELDS, GenerationParams
+from model_pkg.contract import ERROR_COLUMN, IMAGE_COLUMNS, ROW_FIELDS, GenerationParams
 from model_pkg.pipelines import MANIFEST
 from model_pkg.pipelines import ManifestKey as K
 
@@ -89,7 +89,7 @@ def signature() -> ModelSignature:
     inputs = Schema(
         [
             ColSpec("string", "prompt"),
-            ColSpec("string", "image", required=False),
+            *(ColSpec("string", name, required=False) for name in IMAGE_COLUMNS),
             *(ColSpec(AnyType(), name, required=False) for name in ROW_FIELDS),
         ]
     )

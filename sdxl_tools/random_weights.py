@@ -43,20 +43,10 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from model_pkg.schedulers import SDXL_SCHEDULER
+
 TEXT_HIDDEN = 32
 TIME_EMBED_DIM = 8
-# The SDXL 1.0 scheduler config (stabilityai/stable-diffusion-xl-base-1.0/scheduler).
-SDXL_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    steps_offset=1,
-    timestep_spacing="leading",
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-)
 _WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "cat", "dog", "hat", "face", "park", "bench"]
 _WORDS += ["yellow", "green", "red", "blue", "photo", "art", "high", "resolution", "sitting"]
 
