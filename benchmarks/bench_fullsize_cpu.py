@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Full-size SDXL 1.0 base + refiner on a CPU machine, measured side by side in one run.
 
-  python benchmarks/bench_fullsize_cpu.py          # full size: ~20 min on 2 cores; needs 20 GB of free
-                                                   # RAM (peak RSS ~13 GB in bfloat16) and ~25 GB of disk
+  python benchmarks/bench_fullsize_cpu.py          # full size: ~30 min on 2 busy cores; needs 20 GB of free
+                                                   # RAM (peak RSS 16.6 GB in bfloat16) and ~12 GB of disk
   python benchmarks/bench_fullsize_cpu.py --tiny   # the same steps on tiny models in ~2 min (checks the script)
 
 1. build     ``build.py build --random-fullsize --output`` (the published SDXL 1.0 module sizes with random
@@ -239,6 +239,7 @@ def machine() -> dict[str, str]:
         "ram": f"{psutil.virtual_memory().total / GIB:.0f} GiB",
         "torch": torch.__version__,
         "date": str(datetime.date.today()),
+        "load": f"{os.getloadavg()[0]:.1f}",  # other work on the machine inflates every figure
     }
 
 
@@ -325,9 +326,11 @@ def write_results(figures: dict, lines: list[str], args: argparse.Namespace, sec
             "## Full-size SDXL 1.0 on CPU",
             "",
             f"Written by `python benchmarks/bench_fullsize_cpu.py` ({m['date']}, {seconds / 60:.0f} min): "
-            f"{m['cpu']}, {m['cores']} cores, {m['ram']} RAM, CPU flags {m['flags']}, torch {m['torch']}. "
+            f"{m['cpu']}, {m['cores']} cores, {m['ram']} RAM, CPU flags {m['flags']}, torch {m['torch']}; "
+            f"load average {m['load']} at the start, {os.getloadavg()[0]:.1f} at the end. "
             "Random weights in the published SDXL 1.0 sizes (compute and memory as the real model's). "
-            "Each pair measured in the same run; predict and load pairs interleaved, medians.",
+            "Each pair measured in the same run; predict and load pairs interleaved (medians), the two "
+            "UNet dtypes one after the other (both at once would need 15 GB).",
             "",
             *lines,
             END,
