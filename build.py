@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -71,26 +72,51 @@ def _stage(args: argparse.Namespace, tmp: str) -> Staged:
     if not synthetic and not (args.base and args.refiner):
         raise SystemExit("--base and --refiner are both required")
     base, refiner, checker = args.base, args.refiner, args.safety_checker
+    sources: dict[str, str] = {}  # provenance of what is not a user's folder
     if args.tiny:
         from sdxl_tools.random_weights import write_tiny_sdxl
 
         tiny = write_tiny_sdxl(Path(tmp) / "src", seed=args.seed, safety_checker=args.tiny_safety_checker)
         base, refiner, checker = tiny.base, tiny.refiner, checker or tiny.safety_checker
+        sources = {role: f"random tiny weights (seed {args.seed})" for role in ("base", "refiner")}
+        if args.tiny_safety_checker and not args.safety_checker:
+            sources["safety_checker"] = f"random tiny checker that flags {args.tiny_safety_checker}"
     elif args.random_fullsize:
         from sdxl_tools.random_weights import write_fullsize_sdxl
 
         generated = write_fullsize_sdxl(Path(tmp) / "src", seed=args.seed)
         base, refiner = generated.base, generated.refiner
+        sources = {role: f"random full-size SDXL 1.0 weights (seed {args.seed})" for role in ("base", "refiner")}
     loras = _loras(args, base, Path(tmp))
-    return stage_components(
-        Path(base), Path(refiner), Path(tmp) / "sdxl", checker, variant=args.variant, vae=args.vae, loras=loras
+    staged = stage_components(
+        Path(base),
+        Path(refiner),
+        Path(tmp) / "sdxl",
+        checker,
+        variant=args.variant,
+        vae=args.vae,
+        loras=loras,
+        sources=sources,
     )
+    # generated weights: drop their source names, so the staged files are the only copy and saving
+    # moves them into the model instead of writing them again
+    shutil.rmtree(Path(tmp) / "src", ignore_errors=True)
+    shutil.rmtree(Path(tmp) / "tiny-loras", ignore_errors=True)
+    return staged
+
+
+def _work_dir(output: str | None, prefix: str) -> tempfile.TemporaryDirectory:
+    """Staging folder: next to the output (one filesystem: moving a staged file is a rename), else $TMPDIR."""
+    parent = Path(output).resolve().parent if output else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     if not (args.output or args.log):
         raise SystemExit("give --output PATH or --log")
-    with tempfile.TemporaryDirectory(prefix="sdxl-build-") as tmp:
+    with _work_dir(None if args.log else args.output, ".sdxl-build-") as tmp:
         staged = _stage(args, tmp)
         config = _config(args.config)
         if args.log:
@@ -100,7 +126,7 @@ def cmd_build(args: argparse.Namespace) -> None:
                 info = log_artifact(staged, name=args.name, model_config=config)
             print(f"logged run {run.info.run_id}; model URI: {info.model_uri}")
         else:
-            save_artifact(staged, Path(args.output), model_config=config)
+            save_artifact(staged, Path(args.output), model_config=config, move_weights=True)
             print(f"saved model to {args.output}; shared components: {', '.join(staged.manifest['shared']) or 'none'}")
 
 

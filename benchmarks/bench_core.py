@@ -65,12 +65,21 @@ def interleaved(ours, reference, repeats: int) -> tuple[float, float]:
     return statistics.median(a[1:]), statistics.median(b[1:])
 
 
+def model_dtype():
+    """The dtype the model runs in with the default config (``auto``): raw diffusers must use the same."""
+    from model_pkg.config import ModelConfig
+    from model_pkg.pipelines import choose_device_dtype
+
+    return choose_device_dtype(ModelConfig())[1]
+
+
 def raw_pipelines(tiny, share: bool = True):
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
+    dtype = model_dtype()
+    base = StableDiffusionXLPipeline.from_pretrained(tiny.base, dtype=dtype)
     shared = {"text_encoder_2": base.text_encoder_2, "vae": base.vae} if share else {}
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner, **shared)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner, dtype=dtype, **shared)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     return base, refiner

@@ -81,10 +81,12 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+    from model_pkg.config import ModelConfig
+    from model_pkg.pipelines import choose_device_dtype
     from sdxl_tools.artifact import save_artifact, stage_components
 
     cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    device, dtype = choose_device_dtype(ModelConfig())  # what the model picks with the default config
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:

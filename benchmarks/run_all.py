@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def write_chart(results: list[Ratio], path: Path) -> None:
 SCRIPTS = {
     "Serving: REST round trip / in-process predict, latency and throughput": ["bench_serving.py"],
     "Batch: file job and spark_udf vs a loop of single-row predicts": ["bench_batch.py", "--torch-threads", "1"],
+    "Inpainting: pyfunc predict vs raw diffusers SDXL inpainting": ["bench_inpaint.py", "--torch-threads", "1"],
 }
 
 
@@ -71,6 +73,7 @@ def write_markdown(results: list[Ratio], env: str, path: Path, extra: dict[str, 
         f"| {r.name} | {r.ours:.1f} {r.unit} | {r.reference:.1f} {r.unit} | **{r.ratio:.3f}** | {r.goal} |"
         for r in results
     )
+    kept = kept_sections(path.read_text()) if path.exists() else ""
     path.write_text(
         f"""# Benchmark results
 
@@ -90,7 +93,15 @@ show the saving; it shows that sharing costs nothing.
 ![ratios](ratios.png)
 """
         + "".join(f"\n## {title}\n\n```\n{text}\n```\n" for title, text in extra.items())
+        + kept
     )
+
+
+def kept_sections(text: str) -> str:
+    """Sections other scripts wrote between ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers
+    (the full-size CPU run takes ~20 minutes: run_all.py keeps its figures rather than rerunning it)."""
+    blocks = re.findall(r"<!-- BEGIN [\w.-]+ -->.*?<!-- END [\w.-]+ -->", text, flags=re.DOTALL)
+    return "".join(f"\n{block}\n" for block in blocks)
 
 
 def main() -> None:

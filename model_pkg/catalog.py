@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from model_pkg import lora, prompts
+from model_pkg.schedulers import sdxl_scheduler
 
 STYLES_FILE = "styles.json"
 PLACEHOLDER = "{prompt}"
@@ -80,6 +81,8 @@ class Catalog:
     tokenizers: tuple[Any, ...] = ()  # the base's two tokenizers: for counting prompt windows
     watermarker: Any = None  # diffusers' StableDiffusionXLWatermarker when invisible-watermark is installed
     model_hash: str = ""  # sha256 over the components' hashes: which weights made an image
+    schedulers: tuple[Any, Any] = field(default_factory=lambda: (sdxl_scheduler(),) * 2)  # (base, refiner), packaged
+    runtime: dict[str, str] = field(default_factory=dict)  # {"device", "dtype"} the images are computed in
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,22 @@ def model_hash(hashes: dict[str, str]) -> str:
 
 
 def load_catalog(
-    root: Path, base: Any, styles: str | None, loras: dict[str, dict[str, str]], hashes: dict[str, str]
+    root: Path,
+    base: Any,
+    styles: str | None,
+    loras: dict[str, dict[str, str]],
+    hashes: dict[str, str],
+    runtime: dict[str, str] | None = None,
 ) -> Catalog:
-    """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker."""
+    """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker;
+    ``runtime``: the device and dtype the pipelines were loaded in."""
     return Catalog(
         styles=load_styles(root / styles) if styles else StyleTable(),
         loras=lora.load_loras(base, root, loras),
         tokenizers=tuple(t for t in (base.tokenizer, base.tokenizer_2) if t is not None),
         watermarker=make_watermarker(),
         model_hash=model_hash(hashes),
+        runtime=dict(runtime or {}),
     )
 
 
@@ -151,6 +161,9 @@ def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog
             raise ValueError(f"'prompt': adapter {sorted(twice)[0]!r} is selected by both 'lora' and a <lora:...> tag")
         selection = tuple(sorted(selection + tagged))
     chunks = 0
+    if params.prompt_weighting == "auto":  # "off": the text goes to diffusers as it is, weights included
+        prompts.check_weights(prompt, "prompt")
+        prompts.check_weights(negative_prompt, "negative_prompt")
     if params.prompt_weighting == "auto" and catalog.tokenizers:
         chunks = prompts.needs_chunked_encoding([styled, styled_negative], catalog.tokenizers)
     return RowText(

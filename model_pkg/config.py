@@ -22,7 +22,7 @@ class ModelConfig(BaseModel):
 
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: float16 on CUDA, float32 elsewhere"
+        "auto", description="auto: float16 on CUDA, bfloat16 on a CPU with native bfloat16, float32 elsewhere"
     )
     torch_threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0 leaves torch's default. Pin it for bit-identical CPU output"
@@ -34,6 +34,11 @@ class ModelConfig(BaseModel):
     max_prompt_chars: int = Field(4_000, ge=1, description="longest prompt / negative_prompt, in characters")
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
+    max_request_image_pixels: int = Field(
+        16 * 2048 * 2048,
+        ge=64 * 64,
+        description="decoded pixels of all input images of one request, held until it ends (~256 MiB as RGB)",
+    )
     image_formats: tuple[str, ...] = Field(
         ("PNG", "JPEG", "WEBP"), min_length=1, description="accepted input image formats (Pillow format names)"
     )

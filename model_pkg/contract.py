@@ -12,7 +12,7 @@ param in, so "not given" is spelled with a sentinel: ``seed=-1`` draws a random 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -34,6 +34,21 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "21:9": (1536, 640),
     "9:21": (640, 1536),
 }
+
+# Per-row image columns (base64 / data URI): the starting image and, to inpaint it, its mask.
+IMAGE_COLUMNS = ("image", "mask")
+
+# What strength=-1 (the default) means for each kind of pass.
+INPAINT_STRENGTH = 1.0  # inpainting: the masked area starts from pure noise, as users of inpainting tools expect
+IMG2IMG_STRENGTH = 0.3  # image-to-image: image rows (the refiner) and the sequential refiner pass
+
+
+def resolve_strength(strength: float, inpainting: bool) -> float:
+    """The strength of one pass: the given one, or the default of its kind of pass for -1."""
+    if strength != -1:
+        return strength
+    return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
 
 # Params that may also come as per-row columns of the input (Spark UDF params are fixed per UDF).
 ROW_FIELDS = (
@@ -61,14 +76,25 @@ class GenerationParams(BaseModel):
         description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
         "(denoising_end/denoising_start); sequential: base then refiner img2img",
     )
-    refiner_ratio: float = Field(0.2, gt=0, lt=1, description="ensemble: fraction of the steps run by the refiner")
+    refiner_ratio: float = Field(
+        0.2, gt=0, lt=1, description="ensemble: the refiner runs the schedule below timestep 1000 × (1 - ratio)"
+    )
     num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
     num_inference_steps_refiner: int = Field(
         -1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps"
     )
     guidance_scale: float = Field(5.0, ge=0, le=50, description="classifier-free guidance")
     guidance_scale_refiner: float = Field(-1.0, ge=-1, le=50, description="refiner guidance; -1 = guidance_scale")
-    strength: float = Field(0.3, gt=0, le=1, description="img2img (image rows, sequential refiner): noise added")
+    strength: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="noise added to a starting image, (0, 1]; -1: 1.0 for inpainting (the masked area is repainted "
+        "fully), 0.3 for image-to-image (image rows, the sequential refiner)",
+    )
+    mask_blur: int = Field(
+        4, ge=0, le=64, description="inpainting: feathering of the mask's edge in pixels (Gaussian radius); 0 hard"
+    )
     negative_prompt: str = Field("", description="what not to draw")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
     height: int = Field(1024, ge=64, description="pixels, multiple of 8")
@@ -118,6 +144,13 @@ class GenerationParams(BaseModel):
             raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(scheduler_names())}")
         return canonical
 
+    @field_validator("strength")
+    @classmethod
+    def _positive_or_default(cls, value: float) -> float:
+        if value != -1 and value <= 0:
+            raise ValueError("Input should be greater than 0 (or -1: the mode's default)")
+        return value
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: object, info: ValidationInfo) -> object:
@@ -126,10 +159,14 @@ class GenerationParams(BaseModel):
             raise ValueError("must be a number, not a boolean")
         return value
 
-    @field_validator("output_format", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _lower_format(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+    def _choices_in_any_case(cls, value: object, info: ValidationInfo) -> object:
+        """A choice param (a ``Literal``) matches in any case, as scheduler names do: ``"None"`` → ``"none"``."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, str) and get_origin(annotation) is Literal:
+            return next((choice for choice in get_args(annotation) if choice.lower() == value.lower()), value)
+        return value
 
 
 def format_error(error: ValidationError, where: str) -> str:

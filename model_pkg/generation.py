@@ -3,11 +3,15 @@
 Modes (``Settings.mode``), following the diffusers SDXL docs:
 
 - ``none``: the base alone.
-- ``ensemble``: "ensemble of expert denoisers": the base runs the first ``1 - refiner_ratio`` of the
-  schedule (``denoising_end``) and hands its latents to the refiner (``denoising_start``).
+- ``ensemble``: "ensemble of expert denoisers": the base runs the schedule down to timestep
+  ``1000 × (1 - refiner_ratio)`` (``denoising_end``) and hands its latents to the refiner
+  (``denoising_start``); how many steps that is per stage: :func:`model_pkg.request.stage_steps`.
 - ``sequential``: the base denoises fully, the refiner runs img2img (SDEdit) on its latents with its
   own steps, guidance and ``strength``.
 - ``img2img``: rows with an input image run the refiner as img2img (the Azure refiner model).
+
+Rows with an image and a mask (``Settings.inpaint``) are inpainted in the mode of ``refiner``, with
+diffusers' SDXL inpainting pipelines over the same modules (:func:`_inpaint`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from model_pkg import lora, prompts
+from model_pkg import lora, masks, prompts
 from model_pkg.config import ModelConfig
+from model_pkg.contract import resolve_strength
 from model_pkg.pipelines import Pipelines, call_view
 from model_pkg.request import RowSpec, Settings, parse_request
 
-# on_step(stage, step_index): called after every denoising step; stage is "base" or "refiner".
-StepCallback = Callable[[str, int], None]
+# on_step(stage, step_index, pipeline): called after every denoising step (diffusers'
+# callback_on_step_end); stage is "base" or "refiner", pipeline the per-call view that ran it.
+StepCallback = Callable[[str, int, Any], None]
 
 
 def plan_batches(rows: list[RowSpec], max_batch_size: int) -> list[list[RowSpec]]:
@@ -45,7 +51,7 @@ def _step_callback(stage: str, on_step: StepCallback | None) -> dict[str, Any]:
         return {}
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        on_step(stage, step)
+        on_step(stage, step, pipe)
         return tensors
 
     return {"callback_on_step_end": callback}
@@ -68,8 +74,9 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows],
     )
     # per-call views of the pipelines this mode runs (img2img rows use only the refiner, none only the base)
-    base = call_view(pipes.base, s.scheduler, s.timestep_spacing) if s.mode != "img2img" else None
-    refiner = call_view(pipes.refiner, s.scheduler, s.timestep_spacing) if s.mode != "none" else None
+    base_pipe, refiner_pipe = (pipes.inpaint, pipes.refiner_inpaint) if s.inpaint else (pipes.base, pipes.refiner)
+    base = call_view(base_pipe, s.scheduler, s.timestep_spacing) if s.mode != "img2img" else None
+    refiner = call_view(refiner_pipe, s.scheduler, s.timestep_spacing) if s.mode != "none" else None
     views = [view for view in (base, refiner) if view is not None]
     if s.watermark and pipes.catalog is not None:
         for view in views:
@@ -92,11 +99,13 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     )
     refine = _step_callback("refiner", on_step)
 
+    if s.inpaint:
+        return _inpaint(rows, base, refiner, base_args, dict(refiner_common, **refine))
     if s.mode == "img2img":
         return refiner(
             **refiner_common,
             image=[r.image for r in rows],
-            strength=s.strength,
+            strength=resolve_strength(s.strength, inpainting=False),
             num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale,
             **refine,
@@ -104,7 +113,7 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     if s.mode == "none":
         return base(**base_args).images
     if s.mode == "ensemble":
-        split = 1.0 - s.refiner_ratio
+        split = s.handoff  # the steps each stage runs: request.stage_steps
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         return refiner(
             **refiner_common,
@@ -119,12 +128,58 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
         return refiner(
             **refiner_common,
             image=latents,
-            strength=s.strength,
+            strength=resolve_strength(s.strength, inpainting=False),
             num_inference_steps=s.num_inference_steps_refiner,
             guidance_scale=s.guidance_scale_refiner,
             **refine,
         ).images
     raise ValueError(f"unknown mode {s.mode!r}")
+
+
+def _inpaint(
+    rows: list[RowSpec], base: Any, refiner: Any, base_args: dict[str, Any], refiner_common: dict[str, Any]
+) -> list[Image.Image]:
+    """Inpaint the masked area of each row's image, then paste the result back over the input.
+
+    As the diffusers SDXL docs do it: the base inpaints (``none``); in the ensemble it stops at
+    ``denoising_end`` and the refiner, an inpainting pipeline too, finishes from ``denoising_start``;
+    ``sequential`` lets the base finish and the refiner inpaint its result again with its own steps.
+    """
+    s = rows[0].settings
+    inputs = [masks.prepare(r.image, r.mask, s.mask_blur) for r in rows]
+    mask_image = [i.mask for i in inputs]
+    base_args = dict(
+        base_args,
+        image=[i.image for i in inputs],
+        mask_image=mask_image,
+        strength=resolve_strength(s.strength, inpainting=True),
+    )
+    # the refiner gets the base's latents: height and width must be given (diffusers' default is 1024)
+    refiner_args = dict(refiner_common, mask_image=mask_image, height=s.height, width=s.width)
+    if s.mode == "none":
+        images = base(**base_args).images
+    elif s.mode == "ensemble":
+        split = s.handoff
+        latents = base(**base_args, denoising_end=split, output_type="latent").images
+        images = refiner(
+            **refiner_args,
+            image=latents,
+            num_inference_steps=s.num_inference_steps,
+            denoising_start=split,
+            guidance_scale=s.guidance_scale_refiner,
+        ).images
+    elif s.mode == "sequential":
+        latents = base(**base_args, output_type="latent").images
+        images = refiner(
+            **refiner_args,
+            image=latents,
+            strength=resolve_strength(s.strength, inpainting=False),
+            num_inference_steps=s.num_inference_steps_refiner,
+            guidance_scale=s.guidance_scale_refiner,
+        ).images
+    else:
+        raise ValueError(f"unknown mode {s.mode!r}")
+    return [masks.paste_back(out, r.image, i.paste) for out, r, i in zip(images, rows, inputs, strict=True)]
 
 
 def warm_up(pipes: Pipelines, config: ModelConfig) -> None:

@@ -14,8 +14,10 @@ two text chunks (``png_metadata``, on by default):
 - ``sdxl_pyfunc``: JSON ``{"request": <MLflow scoring body>, "model": {...}}``. ``request`` is a
   ``dataframe_records`` body with every resolved param, so posting it to ``/invocations`` (or
   ``predict(pd.DataFrame(r["dataframe_records"]), params=r["params"])``) reproduces the image byte
-  for byte on the same artifact (``model.model_hash``). Image-to-image rows record the input image's
-  sha256 only: send the same image again.
+  for byte on the same artifact (``model.model_hash``), device and dtype (``model.device``,
+  ``model.dtype``). Image-to-image and inpainting rows record the input image's (and mask's) sha256
+  only: send the same image (and mask) again. ``mode`` says which of text-to-image, image-to-image or
+  inpainting made the image.
 
 JPEG and WebP carry no metadata.
 """
@@ -39,6 +41,8 @@ _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_=\s]")  # both alphabets, padding, wh
 _URL_SAFE = str.maketrans("-_", "+/")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# The largest side each output format can hold (libjpeg: 65500, libwebp: 16383; PNG: 2^31 - 1).
+MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}
 
 
 class ImageError(ValueError):
@@ -48,10 +52,10 @@ class ImageError(ValueError):
 def decode_image(
     text: str, *, max_bytes: int, max_pixels: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 ) -> Image.Image:
-    """Decode a base64 string (any form :func:`decode_base64` reads) into an RGB image."""
+    """Decode a base64 string or ``data:image/...;base64,`` URI into an RGB image."""
     if _URL.match(text.strip()):
         raise ImageError("URLs are not fetched; send the image inline as base64 or a data:image/...;base64, URI")
-    raw = decode_base64(text, max_bytes)
+    raw = decode_base64(text.strip(), max_bytes)
     try:
         image = Image.open(io.BytesIO(raw), formats=list(formats))  # reads the header only
     except UnidentifiedImageError:
@@ -70,6 +74,15 @@ def decode_image(
         return image.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(f"image data is corrupt ({type(e).__name__}: {e})") from None
+
+
+def check_encodable(fmt: str, width: int, height: int) -> None:
+    """Raise ``ValueError`` when ``fmt`` cannot hold a ``width``×``height`` image (checked before generating)."""
+    if max(width, height) > MAX_SIDE[fmt]:
+        raise ValueError(
+            f"'output_format' {fmt} cannot hold a {width}×{height} image: {fmt.upper()} is limited to "
+            f"{MAX_SIDE[fmt]} pixels a side; use png or a smaller size"
+        )
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
@@ -146,23 +159,27 @@ def reproduction_request(row: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": row.prompt}
     if row.image is not None:
         record["image"] = None  # not embedded: send the same input image again
+    if row.mask is not None:
+        record["mask"] = None
     return {"dataframe_records": [record], "params": dict(sorted(params.items()))}
 
 
 def _summary(row: Any, model: dict[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
     s = row.settings
+    width, height = row.image.size if row.mask is not None else (s.width, s.height)  # inpainting keeps the size
     pairs = {
         "Steps": s.num_inference_steps,
         "Sampler": s.scheduler,
         "CFG scale": s.guidance_scale,
         "Seed": row.seed,
-        "Size": f"{s.width}x{s.height}",
+        "Size": f"{width}x{height}",
         "Model hash": model["model_hash"][:10],
         "Model": "sdxl-1.0",
         "Refiner": s.mode,
         "Style": row.style or None,
         "Lora": lora.format_selection(s.lora) or None,
+        "Mask blur": s.mask_blur if row.mask is not None else None,
     }
     lines = [row.prompt]
     if row.negative_prompt:
@@ -177,10 +194,15 @@ def metadata(row: Any, catalog: Any) -> dict[str, Any]:
         "model_hash": catalog.model_hash if catalog else "",
         "styles_version": catalog.styles.version if catalog else "none",
         "loras": {name: catalog.loras[name] for name, _ in row.settings.lora} if catalog else {},
+        # where and in which precision the image was computed (same seed, other dtype: other pixels)
+        "device": catalog.runtime.get("device", "") if catalog else "",
+        "dtype": catalog.runtime.get("dtype", "") if catalog else "",
     }
     if row.image is not None:
         model["input_image_sha256"] = hashlib.sha256(row.image.tobytes()).hexdigest()
-    return {"request": reproduction_request(row), "model": model}
+    if row.mask is not None:
+        model["input_mask_sha256"] = hashlib.sha256(row.mask.tobytes()).hexdigest()
+    return {"request": reproduction_request(row), "model": model, "mode": row.task}
 
 
 def encode_output(image: Image.Image, row: Any, catalog: Any) -> str:

@@ -30,7 +30,7 @@ from model_pkg.generation import generate_batch, plan_batches, warm_up
 from model_pkg.images import encode_output
 from model_pkg.pipelines import Pipelines, load_pipelines
 from model_pkg.prompts import truncation_warnings
-from model_pkg.request import RowError, RowSpec, parse_request
+from model_pkg.request import RowError, RowSpec, check_whole_request, parse_request
 from model_pkg.safety import filter_images
 from model_pkg.spark_nulls import preserve_struct_nulls
 
@@ -47,7 +47,13 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         # each call, and the fast CLIP tokenizers (used while parsing and generating) are not
         # thread-safe (transformers#47085, "Already borrowed"). Scale with server workers.
         self._lock = threading.Lock()
-        preserve_struct_nulls()  # on_error="null" rows keep real nulls through spark_udf (see spark_nulls.py)
+        preserve_struct_nulls()  # in a Spark task only: on_error="null" rows keep real nulls (see spark_nulls.py)
+
+    def check_request(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
+        """Only :meth:`predict`'s request-level checks, on any number of rows (a batch job: its whole input)."""
+        rows = len(model_input) if isinstance(model_input, pd.DataFrame) else 0
+        limits = self.config.model_copy(update={"max_rows": max(self.config.max_rows, rows)})
+        check_whole_request(model_input, params, limits, self.pipelines.catalog)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""
@@ -59,9 +65,8 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
             rows = [r for r in request.rows if isinstance(r, RowSpec)]
             if request.params.prompt_weighting == "off":  # "auto" encodes long prompts whole
                 truncation_warnings(rows, [pipes.base.tokenizer, pipes.base.tokenizer_2])
-            results = {
-                e.row: RowResult(e.prompt, None, None, None, e.reason) for e in request.rows if isinstance(e, RowError)
-            }
+            errors = [e for e in request.rows if isinstance(e, RowError)]
+            results = {e.row: RowResult(e.prompt, None, None, e.seed, e.reason) for e in errors}
 
             # 2. plan: rows that share settings are one pipeline call
             for batch in plan_batches(rows, self.config.max_batch_size):
@@ -74,11 +79,21 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
                     images, flags = filter_images(outcome, pipes.safety_checker, done[0].settings.safety_filter)
                     # 5. encode
                     for row, image, flag in zip(done, images, flags, strict=True):
-                        encoded = encode_output(image, row, pipes.catalog)
-                        results[row.index] = RowResult(row.prompt, encoded, flag, row.seed)
+                        results[row.index] = encode_result(row, image, flag, pipes.catalog, keep_going)
 
         # 6. frame: one output row per input row, in input order
         return output_frame([results[i] for i in range(len(request.rows))], with_errors=keep_going)
+
+
+def encode_result(row: RowSpec, image: Image.Image, flag: bool | None, catalog: Any, keep_going: bool) -> RowResult:
+    """The output row of an image; parsing refused what the encoders cannot write, so a failure is unexpected."""
+    try:
+        return RowResult(row.prompt, encode_output(image, row, catalog), flag, row.seed)
+    except Exception as e:
+        message = f"encoding failed: {type(e).__name__}: {e}"
+        if not keep_going:
+            raise MlflowException(f"Row {row.index}: {message}", error_code=INTERNAL_ERROR) from e
+        return RowResult(row.prompt, None, None, row.seed, message)
 
 
 def _generate(

@@ -70,6 +70,19 @@ def parse_weighted(text: str) -> tuple[list[Segment], bool]:
     return [s for s in merged if s[0]], weighted
 
 
+MAX_WEIGHT = 10.0  # |weight| of a token after nested groups multiply ((cat:1e30) gave a black image)
+
+
+def check_weights(text: str, field: str) -> None:
+    """Raise ``ValueError`` naming ``field`` when a token's weight is outside [-MAX_WEIGHT, MAX_WEIGHT]."""
+    for segment, weight in parse_weighted(text)[0]:
+        if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+            raise ValueError(
+                f"'{field}': weight {weight:g} of {segment.strip()!r} is outside [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}] "
+                "(nested (text:weight) groups multiply)"
+            )
+
+
 def _window(tokenizer) -> int:
     return tokenizer.model_max_length - 2  # room for <bos> and <eos>
 

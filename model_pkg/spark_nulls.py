@@ -2,23 +2,28 @@
 
 ``mlflow.pyfunc.spark_udf`` converts a struct result column by column with ``astype(<numpy type>)``
 (``mlflow.pyfunc._convert_struct_values``). A column that mixes values and nulls then comes out
-wrong: ``None`` in a ``string`` field becomes the text ``"None"``, in a ``boolean`` field ``False``,
-and a missing ``long`` fails the whole Arrow batch ("cannot convert NA to integer"). That is
-exactly the shape of ``on_error="null"`` output (null image, null seed, null error for good rows).
+wrong: ``None`` in a ``string`` field becomes a text (``"None"``, or ``"nan"`` with pandas 3), in a
+``boolean`` field ``False``, and a missing ``long`` fails the whole Arrow batch. That is exactly
+the shape of ``on_error="null"`` output (null image, null seed, null error for good rows).
 
-:func:`preserve_struct_nulls` wraps that converter, once per process: nulls of primitive fields
-are set aside, the rest converted by MLflow's own code as before, and the nulls put back, so Spark
-receives real nulls. Nothing else changes; with another MLflow version whose converter does not
-look the same, nothing is touched (the Spark error-mode test then shows whether it is needed).
-The model calls it in ``load_context``: with ``env_manager="local"`` the model is loaded in the
-Spark Python worker that converts the results, before the first batch. (With ``virtualenv``/``uv``
-env managers the model runs in a separate scoring process and the fix does not reach the worker.)
+:func:`preserve_struct_nulls` (called by the model's ``load_context``) wraps that converter where it
+runs: inside a Spark task, i.e. the Python worker of ``spark_udf(..., env_manager="local")``, which
+loads the model in the task before it converts the first batch. A REST server, a batch job or a
+Spark driver that loads the model leaves MLflow untouched. Nulls of primitive fields are set aside,
+the rest converted by MLflow's own code as before, and the nulls put back, so Spark receives real
+nulls. :func:`install` marks the function it changed, so a second install is a no-op; when MLflow's
+function does not look like the one this was written for (another MLflow version), it changes
+nothing and logs a warning (the Spark error-mode test then shows whether the fix is still needed).
+(With the ``virtualenv``/``uv`` env managers the model runs in a separate scoring process and the
+fix does not reach the worker.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 _logger = logging.getLogger(__name__)
-_INSTALLED = "_sdxl_null_safe_struct_values"  # the wrapper, kept in mlflow.pyfunc's namespace
+MARKER = "_sdxl_struct_nulls"  # attribute on the converter function: "installed" or "declined"
 # Spark primitive type name → a value its numpy cast accepts, used only as a placeholder for a null.
 _PLACEHOLDERS = {
     "IntegerType": 0,
@@ -63,28 +68,58 @@ def _null_safe(convert: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return wrapper
 
 
-def _trampoline(result, result_type):  # runs with mlflow.pyfunc's globals once installed
-    return _sdxl_null_safe_struct_values(result, result_type)  # noqa: F821
+def _trampoline(result, result_type, _null_safe_convert=None):  # the converter's new code
+    return _null_safe_convert(result, result_type)
+
+
+def _in_spark_task() -> bool:
+    """True inside a Spark task (a Python worker running a UDF). Reads ``sys.modules`` only: the
+    runtime never imports pyspark, and where pyspark is not loaded there is no Spark task."""
+    taskcontext = sys.modules.get("pyspark.taskcontext")
+    return taskcontext is not None and taskcontext.TaskContext.get() is not None
+
+
+def _as_expected(convert: Any) -> bool:
+    if not isinstance(convert, types.FunctionType) or convert.__name__ != "_convert_struct_values":
+        return False
+    code = convert.__code__
+    plain = not (code.co_freevars or code.co_kwonlyargcount or convert.__defaults__)
+    return plain and code.co_varnames[: code.co_argcount] == ("result", "result_type")
+
+
+def install(convert: Any) -> bool:
+    """Make the converter function ``convert`` keep nulls; True when the fix is in place.
+
+    The function object itself is changed (its ``__code__`` and ``__defaults__``), not a module
+    attribute: ``spark_udf``'s closure reaches the worker through cloudpickle with its own reference
+    to the function, taken before the model (and so this module) is loaded there.
+    """
+    state = getattr(convert, MARKER, None)
+    if state is not None:  # installed, or declined with a warning already
+        return state == "installed"
+    if not _as_expected(convert):
+        import mlflow
+
+        _logger.warning(
+            "spark_udf struct nulls: mlflow.pyfunc._convert_struct_values of MLflow %s is not the function "
+            "this fix was written for (MLflow 3.17); left unchanged, so rows with on_error='null' may reach "
+            "Spark with a text ('None', 'nan') for a null or fail their batch",
+            mlflow.__version__,
+        )
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(convert, MARKER, "declined")
+        return False
+    original = types.FunctionType(convert.__code__, convert.__globals__, convert.__name__)
+    convert.__defaults__ = (_null_safe(original),)
+    convert.__code__ = _trampoline.__code__
+    setattr(convert, MARKER, "installed")
+    return True
 
 
 def preserve_struct_nulls() -> bool:
-    """Make ``mlflow.pyfunc._convert_struct_values`` keep nulls; True when the fix is in place.
-
-    The function object itself is changed (its ``__code__``), not only the module attribute:
-    ``spark_udf``'s closure reaches the worker through cloudpickle with its own reference to the
-    function, taken before the model (and so this module) is loaded there.
-    """
+    """Install the fix on MLflow's converter when running in a Spark task; True when it is in place."""
+    if not _in_spark_task():
+        return False
     import mlflow.pyfunc
 
-    namespace = vars(mlflow.pyfunc)
-    if _INSTALLED in namespace:
-        return True
-    convert = namespace.get("_convert_struct_values")
-    code = getattr(convert, "__code__", None)
-    if code is None or code.co_varnames[: code.co_argcount] != ("result", "result_type") or code.co_freevars:
-        _logger.debug("mlflow.pyfunc._convert_struct_values not as expected; spark_udf struct nulls left alone")
-        return False
-    original = types.FunctionType(code, convert.__globals__, convert.__name__, convert.__defaults__)
-    namespace[_INSTALLED] = _null_safe(original)
-    convert.__code__ = _trampoline.__code__
-    return True
+    return install(getattr(mlflow.pyfunc, "_convert_struct_values", None))

@@ -4,7 +4,7 @@
     python samples/batch_spark.py --model models:/sdxl@production --input prompts.parquet \\
         --output scored/ [--images images/] [--params '{"num_inference_steps": 30}'] [--seed 42]
 
-The input needs a ``prompt`` column; any of ``image``, ``seed``, ``negative_prompt``,
+The input needs a ``prompt`` column; any of ``image``, ``mask``, ``seed``, ``negative_prompt``,
 ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``strength``, ``aspect_ratio``
 it has are per-row settings. The output table (Parquet) has one row per input row:
 ``row`` (0-based position in the input), ``prompt``, ``seed``, ``image`` (base64), ``nsfw``,
@@ -65,7 +65,7 @@ def score(spark: SparkSession, model_uri: str, df: DataFrame, params: dict[str, 
     params = BATCH_DEFAULTS | (params or {})
     udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=result_type(params), params=params, env_manager="local")
     out = df.select("row", udf(input_struct(df)).alias("r"))
-    error = F.col("r.error") if params["on_error"] == "null" else F.lit(None).cast("string")
+    error = F.col("r.error") if "error" in result_type(params).fieldNames() else F.lit(None).cast("string")
     return out.select(
         "row",
         "r.prompt",

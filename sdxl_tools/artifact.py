@@ -4,8 +4,14 @@ Staging takes each pipeline folder's components as listed in its ``model_index.j
 configs, tokenizer files and ``*.safetensors`` weights, refuses pickled weights, and stores the
 refiner's ``text_encoder_2`` / ``tokenizer_2`` / ``vae`` only when they differ from the base's
 (content hash). ``components.json`` (keys: ``model_pkg.pipelines.ManifestKey``) records what is
-shared and every component's hash. LoRA adapters (``--lora NAME=PATH``) and the style table are
-staged beside the pipelines.
+shared, every component's hash and where it came from. LoRA adapters (``--lora NAME=PATH``) and the
+style table are staged beside the pipelines.
+
+The weights are written once. Staging hard-links files where the filesystem allows it (else copies);
+:func:`save_artifact` lets MLflow save the model with the staged folder's small files only, then puts
+each weight file in place itself: moved when the staged file has no other name (a copy staging made,
+or a file generated for this build), copied otherwise, so the model never shares a file with a user's
+source folder (which may be rewritten in place later).
 
 The MLflow model is models-from-code: ``model_pkg/model.py`` with ``model_pkg/`` as its only
 ``code_paths`` entry (this package is never shipped), the signature derived from
@@ -20,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +35,15 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 
 import model_pkg
 from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.config import load_model_config
-from model_pkg.contract import ERROR_COLUMN, ROW_FIELDS, GenerationParams
+from model_pkg.contract import ERROR_COLUMN, IMAGE_COLUMNS, ROW_FIELDS, GenerationParams
 from model_pkg.pipelines import MANIFEST
 from model_pkg.pipelines import ManifestKey as K
 
@@ -50,6 +58,10 @@ LORA_DIR = "loras"
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PARAM_TYPES = {str: "string", int: "long", float: "double", bool: "boolean"}
 SHAREABLE = ("text_encoder_2", "tokenizer_2", "vae")
+# Shared, but its files (a few MB) also stay in the refiner folder: loading that folder by hand with
+# only ``text_encoder_2=`` and ``vae=`` (the diffusers docs' way) would otherwise get a silently empty
+# tokenizer from transformers 5 and fail at the first call. A missing text_encoder_2 / vae fails loudly.
+KEEP_IN_REFINER = ("tokenizer_2",)
 KEEP_SUFFIXES = (".json", ".txt", ".safetensors")
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 VARIANTS = ("all", "fp16", "fp32")
@@ -81,7 +93,7 @@ def signature() -> ModelSignature:
     inputs = Schema(
         [
             ColSpec("string", "prompt"),
-            ColSpec("string", "image", required=False),
+            *(ColSpec("string", name, required=False) for name in IMAGE_COLUMNS),
             *(ColSpec(AnyType(), name, required=False) for name in ROW_FIELDS),
         ]
     )
@@ -232,8 +244,12 @@ def stage_components(
     variant: str = "all",
     vae: Path | None = None,
     loras: dict[str, Path] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> Staged:
     """Lay out the artifact's ``sdxl`` folder under ``out`` (which must not exist).
+
+    ``components.json`` ``sources`` records each role's source folder; ``sources`` replaces entries
+    whose folder is not the user's (e.g. random weights generated for this build and deleted after it).
 
     ``loras`` (name → safetensors file or folder) are packaged under ``loras/``; the style table
     ``MLmodel_template/styles.json`` is always copied in.
@@ -257,9 +273,11 @@ def stage_components(
             files = _select_files(folder, variant)
             digest = _hash(files, folder)
             if role == "refiner" and name in SHAREABLE and hashes.get(f"base/{name}") == digest:
-                shared.append(name)  # identical to the base's: stored and loaded once
-                continue
-            hashes[f"{role}/{name}"] = digest
+                shared.append(name)  # identical to the base's: loaded once, stored once (weights)
+                if name not in KEEP_IN_REFINER:
+                    continue
+            else:
+                hashes[f"{role}/{name}"] = digest
             for f in files:
                 _place(f, out / role / name / f.relative_to(folder))
     if safety_checker is not None:
@@ -280,7 +298,8 @@ def stage_components(
         K.HASHES: hashes,
         K.SOURCES: {"base": str(base.resolve()), "refiner": str(refiner.resolve())}
         | ({"safety_checker": str(Path(safety_checker).resolve())} if safety_checker else {})
-        | ({"vae": str(Path(vae).resolve())} if vae else {}),
+        | ({"vae": str(Path(vae).resolve())} if vae else {})
+        | (sources or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Staged(out, manifest)
@@ -324,10 +343,10 @@ def styles_names(staged: Staged) -> list[str]:
     return load_styles(staged.folder / STYLES_FILE).names()
 
 
-def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None) -> dict[str, Any]:
+def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None, folder: Path | None = None) -> dict[str, Any]:
     return dict(
         python_model=str(MODEL_FILE),
-        artifacts={"sdxl": str(staged.folder), "mlserver": str(MLSERVER)},
+        artifacts={"sdxl": str(folder or staged.folder), "mlserver": str(MLSERVER)},
         code_paths=[str(RUNTIME)],  # the runtime package only: tools stay home
         signature=signature(),
         input_example=input_example(),
@@ -339,10 +358,53 @@ def _model_kwargs(staged: Staged, model_config: dict[str, Any] | None) -> dict[s
     )
 
 
-def save_artifact(staged: Staged, output: Path, model_config: dict[str, Any] | None = None) -> Path:
-    """Write a model directory that ``mlflow.pyfunc.load_model(output)`` loads."""
-    mlflow.pyfunc.save_model(path=str(output), **_model_kwargs(staged, model_config))
-    return Path(output)
+WEIGHTS = ".safetensors"
+
+
+def save_artifact(
+    staged: Staged, output: Path, model_config: dict[str, Any] | None = None, move_weights: bool = False
+) -> Path:
+    """Write a model directory that ``mlflow.pyfunc.load_model(output)`` loads, writing each weight once.
+
+    MLflow copies its artifacts; so it gets a skeleton of the staged folder (everything but the
+    ``*.safetensors`` files, hard-linked) and the weights are then put in place here. ``move_weights``
+    moves staged weight files that have no other name (copies staging made, files generated for this
+    build whose source folder is gone): a rename when the staged folder is on the output's filesystem,
+    and the staged folder is spent. Every other weight file is copied.
+    """
+    output = Path(output)
+    output.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sdxl-skeleton-", dir=output.resolve().parent) as tmp:
+        skeleton = Path(tmp) / staged.folder.name
+        for path in sorted(staged.folder.rglob("*")):
+            if path.is_file() and path.suffix != WEIGHTS:
+                _place(path, skeleton / path.relative_to(staged.folder))
+        mlflow.pyfunc.save_model(path=str(output), **_model_kwargs(staged, model_config, folder=skeleton))
+    try:
+        _put_weights(staged.folder, output, move_weights)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # no half-written model
+        raise
+    return output
+
+
+def _put_weights(staged: Path, output: Path, move: bool) -> None:
+    """Put the staged ``*.safetensors`` files into the saved model's ``sdxl`` artifact folder."""
+    model = Model.load(str(output))
+    entry = model.flavors["python_function"]["artifacts"]["sdxl"]
+    entry["uri"] = str(staged)  # where it was built from, not the deleted skeleton
+    folder = output / entry["path"]
+    weight_bytes = 0
+    for path in sorted(staged.rglob(f"*{WEIGHTS}")):
+        target = folder / path.relative_to(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        weight_bytes += path.stat().st_size
+        if move and path.stat().st_nlink == 1:
+            shutil.move(path, target)  # os.rename on one filesystem: no bytes written
+        else:
+            shutil.copy2(path, target)  # never a link to a user's file
+    model.model_size_bytes = (model.model_size_bytes or 0) + weight_bytes  # MLflow counted the skeleton
+    model.save(str(output / MLMODEL_FILE_NAME))
 
 
 def log_artifact(

@@ -18,17 +18,26 @@ at any point leaves either a complete line for a row or none: a row without a li
 and its file (named by row) replaced, never duplicated. A torn last line or a line whose image is
 missing is dropped when the job starts. Seeds are fixed per row before scoring (a ``seed`` column,
 else request ``seed`` + row number), so a resumed row gets the seed it would have had.
+
+One job per folder, one model per folder: a job holds an exclusive lock on ``DIR/.lock`` while it
+runs (a second job on the folder is refused at once), and ``DIR/job.json`` records the input's
+sha256, the params and the model's identity (:class:`ModelIdentity`: registry version, model hash,
+model config). Resuming with anything else is refused; the CLI checks before it loads the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +49,10 @@ from sdxl_tools.client import output_bytes
 
 MANIFEST = "manifest.jsonl"
 JOB_FILE = "job.json"
+LOCK_FILE = ".lock"
 IMAGES = "images"
 INPUT_FORMATS = (".csv", ".jsonl", ".parquet")
+_REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
 class BatchError(ValueError):
@@ -187,20 +198,145 @@ def _input_fingerprint(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _check_job(output: Path, input_path: Path, params: dict[str, Any]) -> None:
-    """Refuse to resume into a folder that holds another input's or other params' results."""
-    job = {"input_sha256": _input_fingerprint(input_path), "params": params}
-    job_file = output / JOB_FILE
-    if job_file.exists():
-        previous = json.loads(job_file.read_text())
-        if {k: previous.get(k) for k in job} != job:
-            raise BatchError(
-                f"{output} holds results of another input file or other params ({job_file}); "
-                "rerun with the same --input and --params to resume, or use a new --output"
-            )
-        return
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model made a folder's images; ``job.json`` keeps it and a resume must match it."""
+
+    uri: str | None  # as given (not compared: models:/sdxl@production and models:/sdxl/3 may agree)
+    name: str | None  # registered model, for models:/NAME@alias and models:/NAME/VERSION
+    version: str | None  # the version the alias pointed at when the job started
+    model_hash: str  # sha256 over the components' hashes, as in the images' PNG metadata
+    model_config: dict[str, Any]  # the model config the model loads with (artifact's + overrides)
+
+    def describe(self) -> str:
+        where = f"version {self.version} of {self.name}" if self.version else (self.uri or "a loaded model")
+        return f"{where} (model hash {(self.model_hash or '?')[:12]})"
+
+
+def registry_version(uri: str) -> tuple[str, str] | None:
+    """``(name, version)`` for ``models:/NAME@alias`` (resolved now) and ``models:/NAME/VERSION``."""
+    match = _REGISTRY_URI.match(uri)
+    if match is None:
+        return None
+    name, version = match["name"], match["version"]
+    if match["alias"]:
+        from mlflow import MlflowClient
+
+        version = MlflowClient().get_model_version_by_alias(name, match["alias"]).version
+    return name, str(version)  # sqlite returns the version as an int
+
+
+def artifact_identity(
+    local: Path, uri: str | None, registered: tuple[str, str] | None, overrides: dict[str, Any] | None
+) -> ModelIdentity:
+    """The identity of a model folder, read from its files without loading the pipelines."""
+    from mlflow.models import Model
+
+    from model_pkg.catalog import model_hash
+    from model_pkg.config import load_model_config
+    from model_pkg.pipelines import MANIFEST as COMPONENTS
+    from model_pkg.pipelines import ManifestKey
+
+    flavor = Model.load(local).flavors["python_function"]
+    components = json.loads((local / flavor["artifacts"]["sdxl"]["path"] / COMPONENTS).read_text())
+    packaged = flavor.get("config") or {}
+    # as mlflow.pyfunc.load_model(model_config=...): only keys the artifact declares are overridden
+    config = packaged | {k: v for k, v in (overrides or {}).items() if k in packaged}
+    name, version = registered or (None, None)
+    return ModelIdentity(
+        uri,
+        name,
+        version,
+        model_hash(components[ManifestKey.HASHES]),
+        load_model_config(config).model_dump(mode="json"),
+    )
+
+
+def loaded_identity(model: Any, source: ModelIdentity | None = None) -> ModelIdentity:
+    """The identity of a loaded model: its own model hash and config, the registry version of ``source``."""
+    python_model = model.unwrap_python_model()
+    return ModelIdentity(
+        source.uri if source else None,
+        source.name if source else None,
+        source.version if source else None,
+        python_model.pipelines.catalog.model_hash,
+        python_model.config.model_dump(mode="json"),
+    )
+
+
+def _model_difference(recorded: dict[str, Any] | None, current: ModelIdentity) -> str | None:
+    """Why ``current`` is not the model that made the folder's images, or None when it is.
+
+    Fields ``current`` does not know yet (empty) are not compared: the CLI first compares the
+    registry version, before downloading, then the model hash and config, before loading.
+    """
+    if not recorded:
+        return "its job.json records no model"
+    previous = ModelIdentity(**{f.name: recorded.get(f.name) for f in dataclasses.fields(ModelIdentity)})
+    made = f"it holds images of {previous.describe()}"
+    if previous.version and current.version and (previous.name, previous.version) != (current.name, current.version):
+        return f"{made}; {current.uri} is version {current.version}"
+    if current.model_hash and current.model_hash != previous.model_hash:
+        return f"{made}; {current.uri or 'this model'} has model hash {current.model_hash[:12]}"
+    if current.model_config and current.model_config != previous.model_config:
+        old, new = previous.model_config, current.model_config
+        changed = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old | new) if old.get(k) != new.get(k))
+        return f"the model config differs: {changed}"
+    return None
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``output`` (``flock`` on ``output/.lock``) until the block ends.
+
+    Non-blocking: a second job on the folder fails at once. The lock goes with the process (also
+    on a kill), so a crashed job never leaves the folder locked. ``flock`` needs a local file
+    system (on NFS it may not exclude jobs on other hosts).
+    """
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(job_file, json.dumps({"input": str(input_path.resolve()), **job}, indent=2).encode())
+    fd = os.open(output / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise BatchError(
+                f"{output} is in use by another batch job (pid {owner}); wait for it to end or use another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_job(output: Path) -> dict[str, Any] | None:
+    job_file = output / JOB_FILE
+    return json.loads(job_file.read_text()) if job_file.exists() else None
+
+
+def _check_job(
+    output: Path, input_path: Path, params: dict[str, Any], model: ModelIdentity, write: bool = True
+) -> None:
+    """Refuse to resume into a folder that holds another input's, other params' or another model's results."""
+    job = {"input_sha256": _input_fingerprint(input_path), "params": params}
+    previous = _read_job(output)
+    if previous is None:
+        if write:
+            record = {"input": str(input_path.resolve()), **job, "model": dataclasses.asdict(model)}
+            _write_atomic(output / JOB_FILE, json.dumps(record, indent=2).encode())
+        return
+    if {k: previous.get(k) for k in job} != job:
+        raise BatchError(
+            f"{output} holds results of another input file or other params ({output / JOB_FILE}); "
+            "rerun with the same --input and --params to resume, or use a new --output"
+        )
+    difference = _model_difference(previous.get("model"), model)
+    if difference:
+        raise BatchError(
+            f"{output} was started with another model: {difference}. Resume with the model it was started "
+            "with (a models:/NAME/VERSION URI pins a version), or use a new --output"
+        )
 
 
 def _entry(row: int, out: dict[str, Any], file: str | None) -> dict[str, Any]:
@@ -223,8 +359,27 @@ def run(
     chunk_size: int = 8,
     retry_errors: bool = False,
     progress: bool = True,
+    source: ModelIdentity | None = None,
 ) -> Summary:
-    """Score ``input_path`` with a loaded pyfunc ``model`` into ``output`` (see the module docs)."""
+    """Score ``input_path`` with a loaded pyfunc ``model`` into ``output`` (see the module docs).
+
+    ``source``: where the model came from (its registry version), recorded in ``job.json``.
+    """
+    with output_lock(Path(output)):
+        return _run(model, input_path, output, params, chunk_size, retry_errors, progress, source)
+
+
+def _run(
+    model: Any,
+    input_path: str | Path,
+    output: str | Path,
+    params: dict[str, Any] | None,
+    chunk_size: int,
+    retry_errors: bool,
+    progress: bool,
+    source: ModelIdentity | None,
+) -> Summary:
+    """:func:`run` with the output lock held."""
     from tqdm.auto import tqdm  # a dependency of diffusers and huggingface_hub
 
     if chunk_size < 1:
@@ -233,7 +388,8 @@ def run(
     params = {"on_error": "null", **(params or {})}
     request = parse_params(params)  # bad params fail here, before any output is written
     df = read_prompts(input_path)
-    _check_job(output, input_path, params)
+    model.unwrap_python_model().check_request(df, params)  # request-level errors before anything is written
+    _check_job(output, input_path, params, loaded_identity(model, source))
     df = fix_seeds(df, request.seed)
     fmt = request.output_format
 
@@ -289,15 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    import mlflow
-
     try:
-        read_prompts(args.input)  # fail on a bad input file before loading the model
-        model = mlflow.pyfunc.load_model(args.model, model_config=args.model_config)
-        summary = run(
-            model, args.input, args.output, args.params, args.chunk_size, args.retry_errors, not args.no_progress
-        )
-    except (BatchError, mlflow.exceptions.MlflowException) as e:
+        summary = _run_job(args)
+    except BatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -309,6 +459,35 @@ def main(argv: list[str] | None = None) -> int:
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s)"
     )
     return 0
+
+
+def _run_job(args: argparse.Namespace) -> Summary:
+    """The CLI job: lock the folder, check the model against ``job.json`` before loading it, score."""
+    import mlflow
+
+    from sdxl_tools.scratch import scratch_dir
+
+    params = {"on_error": "null", **args.params}
+    try:
+        parse_params(params)
+        read_prompts(args.input)  # fail on bad params or a bad input file before touching the model
+        with output_lock(args.output), scratch_dir() as scratch:
+            registered = registry_version(args.model)
+            # a moved alias is refused before anything is downloaded
+            early = ModelIdentity(args.model, *(registered or (None, None)), "", {})
+            _check_job(args.output, args.input, params, early, write=False)
+            local = Path(args.model)
+            if not local.is_dir():  # download once; the identity and the model come from the same files
+                pinned = f"models:/{registered[0]}/{registered[1]}" if registered else args.model
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(scratch)))
+            source = artifact_identity(local, args.model, registered, args.model_config)
+            _check_job(args.output, args.input, params, source, write=False)
+            model = mlflow.pyfunc.load_model(str(local), model_config=args.model_config)
+            return _run(
+                model, args.input, args.output, params, args.chunk_size, args.retry_errors, not args.no_progress, source
+            )
+    except mlflow.exceptions.MlflowException as e:
+        raise BatchError(str(e)) from e
 
 
 def cli() -> None:

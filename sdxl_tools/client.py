@@ -28,7 +28,7 @@ _TRAILING_COMMA = re.compile(r'("(?:\\.|[^"\\])*")|,(\s*[}\]])')
 
 
 def loads_lenient(text: str) -> Any:
-    """``json.loads`` that also takes trailing commas, as the the model card's sample is written."""
+    """``json.loads`` that also takes trailing commas, as the model card's sample is written."""
     return json.loads(_TRAILING_COMMA.sub(lambda m: m.group(1) or m.group(2), text))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,8 @@ import numpy as np
 import pandas as pd
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, Schema
+
+from sdxl_tools.scratch import scratch_dir
 
 DEFAULT_SEED = 0  # used when the input example's params carry no seed
 
@@ -212,9 +213,10 @@ def _own_code(local: str, meta: Model) -> Iterator[None]:
 def validate(name: str, version: str, alias: str, holder: str | None = None) -> GateReport:
     """Run every check on ``models:/name/version``; never raises for a bad model, reports instead."""
     report = GateReport(name, str(version), alias, str(holder) if holder is not None else None)
-    with tempfile.TemporaryDirectory(prefix="sdxl-gate-") as tmp:
+    # the download (gigabytes with real weights) goes when the gate ends, even when killed
+    with scratch_dir() as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
             meta = Model.load(local)
         except Exception as e:  # any load failure is a verdict, not a crash
             report.add("loads from the registry", [f"{type(e).__name__}: {e}"])

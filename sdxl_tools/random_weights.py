@@ -19,6 +19,8 @@ artifact built from them takes the path real weights take; nothing is downloaded
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,20 +43,10 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from model_pkg.schedulers import SDXL_SCHEDULER
+
 TEXT_HIDDEN = 32
 TIME_EMBED_DIM = 8
-# The SDXL 1.0 scheduler config (stabilityai/stable-diffusion-xl-base-1.0/scheduler).
-SDXL_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    steps_offset=1,
-    timestep_spacing="leading",
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-)
 _WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "cat", "dog", "hat", "face", "park", "bench"]
 _WORDS += ["yellow", "green", "red", "blue", "photo", "art", "high", "resolution", "sitting"]
 
@@ -183,7 +175,8 @@ def write_tiny_sdxl(out_dir: str | Path, seed: int = 0, safety_checker: str | No
     """Write tiny random-weight SDXL base and refiner pipelines (and optionally a safety checker).
 
     The refiner shares ``text_encoder_2``, ``tokenizer_2`` and ``vae`` with the base, as SDXL 1.0
-    does; like the published refiner folder, it still stores its own copy of them on disk.
+    does; like the published refiner folder, it still has its own files for them (hard links to the
+    base's: the same bytes, written once).
     ``safety_checker`` is ``None`` (no checker), ``"never"`` or ``"always"`` (see :func:`tiny_safety_checker`).
     """
     out = Path(out_dir)
@@ -237,12 +230,28 @@ def save_sdxl_pipelines(
         add_watermarker=False,
     )
     base.save_pretrained(out / "base", safe_serialization=True)
-    refiner.save_pretrained(out / "refiner", safe_serialization=True)
+    # The refiner folder as save_pretrained lays it out, but the components it shares with the base
+    # are hard links to the base's files: a full-size build would otherwise write 1.6 GB twice.
+    refiner.save_config(out / "refiner")  # model_index.json
+    refiner.unet.save_pretrained(out / "refiner" / "unet", safe_serialization=True)
+    refiner.scheduler.save_pretrained(out / "refiner" / "scheduler")
+    for name in ("text_encoder_2", "tokenizer_2", "vae"):
+        for file in sorted((out / "base" / name).rglob("*")):
+            if file.is_file():
+                _link(file, out / "refiner" / name / file.relative_to(out / "base" / name))
 
     checker_dir = None
     if safety_checker is not None:
         checker_dir = write_tiny_safety_checker(out / "safety_checker", safety_checker)
     return TinySDXL(base=out / "base", refiner=out / "refiner", safety_checker=checker_dir)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
 
 
 def write_tiny_lora(out_dir: str | Path, base_dir: str | Path, seed: int = 1, rank: int = 4) -> Path:

@@ -4,15 +4,24 @@ Store: ``MLFLOW_TRACKING_URI`` when set (a server, a database, ...), else an emb
 in the project folder (``mlflow.db``, artifacts in ``mlruns/``): nothing to start.
 
 Promotion moves an alias (``models:/NAME@staging``, ``models:/NAME@production``) after
-:func:`sdxl_tools.gate.validate` passed. The version that takes an alias records the one that held it
-in its tag ``previous.<alias>``; :func:`rollback` follows that tag, so repeated rollbacks walk back
-through the history. Stages are deprecated in MLflow: ``use_stages=True`` also moves the version to
-the matching stage (``staging`` → ``Staging``, ``production`` → ``Production``), archiving the
-version that was there, so the stage mirrors the alias.
+:func:`sdxl_tools.gate.validate` passed. The registered model keeps each alias's history, the stack
+of versions that held it (tag ``alias_history.<alias>``): a promotion pushes, :func:`rollback` pops,
+so repeated rollbacks walk back through the holders and stop at the first one. Stages are
+deprecated in MLflow: ``use_stages=True`` also moves the version to the matching stage (``staging`` →
+``Staging``, ``production`` → ``Production``), archiving the version that was there, so the stage
+mirrors the alias.
+
+The registry has no transactions, so the writes are ordered for a kill at any point. A promotion
+moves the alias first and only then writes what describes the move (history, ``validation.<alias>``,
+``previous.<alias>``): killed before the alias write, it leaves nothing; killed after it, the alias
+has moved without a history entry, and a rollback then goes back to the last recorded holder, the
+right one. A rollback writes the history first and then moves the alias: killed in between, the
+history already names the target, and the next rollback completes the move instead of bouncing back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import warnings
@@ -37,6 +46,8 @@ STAGES = {"staging": "Staging", "production": "Production"}  # alias -> deprecat
 PREVIOUS = "previous.{alias}"  # tag on the version that took the alias: the version that held it
 VALIDATED = "validation.{alias}"  # tag: the gate's verdict for that alias
 ROLLED_BACK = "rolled_back.{alias}"  # tag on the version an alias was rolled back from
+HISTORY = "alias_history.{alias}"  # registered-model tag: JSON list of the alias's holders, oldest first
+HISTORY_LIMIT = 64  # holders kept (a registered-model tag holds 5000 characters in SQL stores)
 LIFECYCLE_PREFIXES = ("previous.", "validation.", "rolled_back.")  # not carried over by copy_version
 PACKAGES = ("diffusers", "transformers", "torch", "mlflow", "accelerate", "safetensors")
 
@@ -184,6 +195,17 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def alias_history(name: str, alias: str, client: MlflowClient | None = None) -> list[dict[str, str]]:
+    """The versions that held ``alias`` as this module moved it, oldest first: ``[{"version", "at"}, ...]``."""
+    client = client or MlflowClient()
+    recorded = client.get_registered_model(name).tags.get(HISTORY.format(alias=alias))
+    return json.loads(recorded) if recorded else []
+
+
+def _write_history(client: MlflowClient, name: str, alias: str, history: list[dict[str, str]]) -> None:
+    client.set_registered_model_tag(name, HISTORY.format(alias=alias), json.dumps(history[-HISTORY_LIMIT:]))
+
+
 def promote(
     name: str,
     version: str | int,
@@ -204,16 +226,24 @@ def promote(
     client.get_model_version(name, version)  # a clear RESOURCE_DOES_NOT_EXIST if there is no such version
     current = holder(name, alias, client)
     report = validate(name, version, alias, holder=current)
-    verdict = "passed" if report.passed else "refused: " + "; ".join(c.name for c in report.failures)
-    if not dry_run:
-        client.set_model_version_tag(name, version, VALIDATED.format(alias=alias), f"{verdict} ({_now()})"[:4000])
     if not report.passed:
+        if not dry_run:
+            refused = "refused: " + "; ".join(c.name for c in report.failures)
+            client.set_model_version_tag(name, version, VALIDATED.format(alias=alias), f"{refused} ({_now()})"[:4000])
         raise PromotionRefused(report)
     if dry_run:
         return Promotion(name, alias, version, current, report)
+    # the alias first: everything written after it describes a move that happened (see the module docs)
+    client.set_registered_model_alias(name, alias, version)
+    history = alias_history(name, alias, client)
+    if current is not None and current != version and (not history or history[-1]["version"] != current):
+        history.append({"version": current, "at": "unknown"})  # the alias was moved without this module
+    if not history or history[-1]["version"] != version:
+        history.append({"version": version, "at": _now()})
+    _write_history(client, name, alias, history)
+    client.set_model_version_tag(name, version, VALIDATED.format(alias=alias), f"passed ({_now()})")
     if current is not None and current != version:
         client.set_model_version_tag(name, version, PREVIOUS.format(alias=alias), current)
-    client.set_registered_model_alias(name, alias, version)
     stage = _transition(client, name, version, alias) if use_stages else None
     return Promotion(name, alias, version, current, report, stage)
 
@@ -225,14 +255,20 @@ def rollback(name: str, alias: str, *, use_stages: bool = False, client: MlflowC
     current = holder(name, alias, client)
     if current is None:
         raise MlflowException(f"models:/{name}@{alias} is not set: nothing to roll back", RESOURCE_DOES_NOT_EXIST)
-    previous = client.get_model_version(name, current).tags.get(PREVIOUS.format(alias=alias))
-    if previous is None:
+    history = alias_history(name, alias, client)
+    if history and history[-1]["version"] == current:
+        history.pop()
+    # else the current holder took the alias without a history entry (moved by hand, or a promote
+    # killed after its alias write, or a rollback killed before it): the last recorded holder is the target
+    if not history:
         raise MlflowException(
-            f"version {current} of {name} holds @{alias} but records no previous holder (tag "
-            f"{PREVIOUS.format(alias=alias)!r}): nothing to roll back to",
+            f"version {current} of {name} is the first holder of @{alias} on record (tag "
+            f"{HISTORY.format(alias=alias)!r}): it records no previous holder to roll back to",
             INVALID_STATE,
         )
+    previous = history[-1]["version"]
     client.get_model_version(name, previous)  # still there (not deleted)?
+    _write_history(client, name, alias, history)  # the history first (see the module docs)
     client.set_registered_model_alias(name, alias, previous)
     client.set_model_version_tag(name, current, ROLLED_BACK.format(alias=alias), f"{_now()}, back to {previous}")
     stage = _transition(client, name, previous, alias) if use_stages else None

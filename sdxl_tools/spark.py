@@ -28,12 +28,12 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, DataType, LongType, StringType, StructField, StructType
 
-from model_pkg.contract import ROW_FIELDS
+from model_pkg.contract import IMAGE_COLUMNS, ROW_FIELDS
 
 # The struct type to pass as spark_udf(result_type=...): names and order of the output columns.
 SPARK_RESULT_TYPE = "prompt string, generated_image string, nsfw_content_detected boolean, seed long"
 SPARK_RESULT_TYPE_WITH_ERRORS = SPARK_RESULT_TYPE + ", error string"  # for params={"on_error": "null"}
-INPUT_COLUMNS = ("prompt", "image", *ROW_FIELDS)
+INPUT_COLUMNS = ("prompt", *IMAGE_COLUMNS, *ROW_FIELDS)
 _TYPES: dict[str, DataType] = {"string": StringType(), "boolean": BooleanType(), "long": LongType()}
 
 
@@ -48,12 +48,12 @@ def result_type(params: Mapping[str, Any] | None = None) -> StructType:
     ``prompt string, generated_image string, nsfw_content_detected boolean, seed long``, plus
     ``error string`` when ``params["on_error"] == "null"`` (the model then returns that column).
     """
-    with_errors = (params or {}).get("on_error") == "null"
+    with_errors = str((params or {}).get("on_error", "")).lower() == "null"  # the model takes any case
     return _struct(SPARK_RESULT_TYPE_WITH_ERRORS if with_errors else SPARK_RESULT_TYPE)
 
 
 def input_struct(df: DataFrame) -> Column:
-    """``struct(prompt, image?, seed?, ...)``: the model's input columns that ``df`` has, by name."""
+    """``struct(prompt, image?, mask?, seed?, ...)``: the model's input columns that ``df`` has, by name."""
     if "prompt" not in df.columns:
         raise ValueError(f"the DataFrame needs a 'prompt' column; it has {df.columns}")
     return F.struct(*(c for c in INPUT_COLUMNS if c in df.columns))

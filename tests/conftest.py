@@ -21,6 +21,10 @@ from sdxl_tools.random_weights import TinySDXL, write_tiny_sdxl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# float32 everywhere (this process, servers and Spark workers it starts), whatever the CPU: the exact
+# comparisons (pyfunc vs raw diffusers, batched vs alone, Spark vs pandas) hold in float32 on every
+# machine, while `dtype: auto` would pick bfloat16 on some. tests/test_dtype.py covers auto and bfloat16.
+os.environ.setdefault("SDXL_DTYPE", "float32")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 PLATFORM_VENVS = pytest.StashKey[dict[str, Future]]()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
 import os
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import decode, png_b64
+from PIL import Image
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -53,12 +56,21 @@ def one_thread_model(artifact):
 
 INPUT_DDL = (
     "id long, prompt string, seed long, height long, width long, num_inference_steps long, "
-    "negative_prompt string, image string"
+    "negative_prompt string, image string, mask string"
 )
 
 
-def seven_rows() -> pd.DataFrame:
-    """Text-to-image rows with their own seeds, sizes, steps and negative prompt, and one image row."""
+def mask_b64(size: tuple[int, int]) -> str:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def eight_rows() -> pd.DataFrame:
+    """Text-to-image rows with their own seeds, sizes, steps and negative prompt, an image row and an
+    inpainting row (image + mask)."""
     rows = [
         {"prompt": "a cat with a hat", "seed": 11},
         {"prompt": "a dog on a bench", "seed": 12},
@@ -67,6 +79,7 @@ def seven_rows() -> pd.DataFrame:
         {"prompt": "a blue house", "seed": 15, "negative_prompt": "blurry"},
         {"prompt": "a small boat", "seed": 16, "num_inference_steps": 6},
         {"prompt": "a green cat", "seed": 17, "image": png_b64(size=(96, 64))},
+        {"prompt": "a red cat", "seed": 18, "image": png_b64(size=(100, 72)), "mask": mask_b64((100, 72))},
     ]
     columns = [c.split()[0] for c in INPUT_DDL.split(",")]
     return pd.DataFrame([{"id": i} | r for i, r in enumerate(rows)]).reindex(columns=columns).astype(object)
@@ -74,7 +87,7 @@ def seven_rows() -> pd.DataFrame:
 
 def test_spark_udf_struct_equals_pandas_predict_byte_for_byte(spark, artifact, one_thread_model):
     params = {"num_inference_steps": 4, "height": 64, "width": 64}  # ensemble: base + refiner
-    rows = seven_rows()
+    rows = eight_rows()
     # two partitions, so two tasks and two Arrow batches (each one predict call)
     sdf = spark.createDataFrame(rows.where(rows.notna(), None), INPUT_DDL).repartition(2, "id")
     udf = mlflow.pyfunc.spark_udf(
@@ -97,12 +110,12 @@ def test_spark_udf_struct_equals_pandas_predict_byte_for_byte(spark, artifact, o
     expected = expected.sort_index()
 
     assert scored["prompt"].tolist() == expected["prompt"].tolist() == rows["prompt"].tolist()
-    assert scored["seed"].tolist() == expected["seed"].tolist() == list(range(11, 18))
+    assert scored["seed"].tolist() == expected["seed"].tolist() == list(range(11, 19))
     assert scored["nsfw_content_detected"].isna().all()  # no safety checker packaged
     assert scored["generated_image"].tolist() == expected["generated_image"].tolist()  # byte for byte
     sizes = [decode(b).size for b in scored["generated_image"]]
-    assert sizes == [(64, 64), (64, 64), (64, 96), (96, 64), (64, 64), (64, 64), (96, 64)]
-    assert scored["generated_image"].nunique() == 7
+    assert sizes == [(64, 64), (64, 64), (64, 96), (96, 64), (64, 64), (64, 64), (96, 64), (100, 72)]
+    assert scored["generated_image"].nunique() == 8
 
 
 def load_sample():
@@ -130,6 +143,7 @@ def test_sample_scores_100_rows_with_5_bad_into_a_table_and_files(spark, artifac
     frame = pd.DataFrame(rows).reindex(columns=[c.split()[0] for c in schema.split(",")]).astype(object)
     spark.createDataFrame(frame.where(frame.notna(), None), schema).write.parquet(str(tmp_path / "prompts.parquet"))
     params = {"num_inference_steps": 2, "height": 64, "width": 64, "refiner": "none"}  # cheap; on_error=null default
+    params["strength"] = 0.5  # image rows run 2 × 0.5 = 1 step (with 0.3, none: a request error)
 
     table = load_sample().score_file(
         spark, str(artifact), str(tmp_path / "prompts.parquet"), str(tmp_path / "table"), str(tmp_path / "images"),

@@ -24,7 +24,7 @@ def test_params_schema_carries_every_param_with_its_default():
 
 def test_inputs_and_outputs():
     sig = signature()
-    assert sig.inputs.input_names() == ["prompt", "image", *ROW_FIELDS]
+    assert sig.inputs.input_names() == ["prompt", "image", "mask", *ROW_FIELDS]
     assert sig.inputs.required_input_names() == ["prompt"]
     assert sig.outputs.input_names() == [*OUTPUT_COLUMNS, "error"]
     assert sig.outputs.required_input_names() == ["prompt", "generated_image", "seed"]
@@ -49,7 +49,11 @@ def test_artifact_mlmodel_has_signature_example_and_card(artifact, model):
 # -- the params are declared once (GenerationParams); everything else must follow -----------------
 
 # Settings fields that are not params of the same name: what parsing resolves them into.
-DERIVED_SETTINGS = {"mode": "refiner, or img2img for image rows", "prompt_chunks": "prompt_weighting"}
+DERIVED_SETTINGS = {
+    "mode": "refiner, or img2img for image rows",
+    "prompt_chunks": "prompt_weighting",
+    "inpaint": "rows with a mask",
+}
 # Params that are not Settings fields: kept per row or only decide how the request is handled.
 NOT_SETTINGS = {
     "refiner": "Settings.mode",

@@ -120,6 +120,21 @@ def test_our_scoring_script_takes_the_azure_body_as_it_is(scoring_script):
     assert lists.json() == objects.json()  # same rows, same seeds → the same bytes
 
 
+def test_our_scoring_script_takes_the_model_cards_sample_as_written(scoring_script):
+    """The model card writes its sample with trailing commas (not JSON); the scoring script reads it."""
+    rows = ",\n".join(
+        f'{{\n"prompt": {json.dumps(row["prompt"])},\n"image": {json.dumps(row["image"])},\n}}'
+        for row in BODY["input_data"]["data"]
+    )
+    text = f'{{"input_data": {{"columns": ["prompt", "image"], "data": [{rows},\n], "index": [0, 1],}},'
+    text += f' "params": {json.dumps(PARAMS)}}}'
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    response = scoring_script.score(text)
+    assert response.status_code == 200, response.text[:2000]
+    assert response.json() == scoring_script.score(BODY).json()
+
+
 def test_our_scoring_script_reads_azures_sample_client_images(scoring_script):
     """Azure's image-to-image sample client sends ``base64.encodebytes`` text: a newline every 76 characters."""
     body = copy.deepcopy(BODY)

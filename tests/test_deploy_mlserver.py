@@ -90,7 +90,7 @@ def test_per_row_inputs_and_on_error_null(server):
         on_error="null",
     )
     out = outputs(server.infer(body))
-    assert out["seed"]["data"] == [5, 6, None]  # a row refused while parsing has no seed
+    assert out["seed"]["data"] == [5, 6, 9]  # a failed row keeps its seed
     assert out["generated_image"]["data"][2] is None
     assert out["error"]["data"][:2] == [None, None]
     assert "'image': not valid base64: invalid character '!'" in out["error"]["data"][2]

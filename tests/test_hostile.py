@@ -157,6 +157,24 @@ CASES = [
     ),
     ("strength 0", frame({"prompt": "a"}), {"strength": 0.0}, "Invalid param 'strength': Input should be greater"),
     (
+        "1 step with the ensemble refiner",
+        frame({"prompt": "a"}),
+        {"num_inference_steps": 1, "on_error": "null"},
+        "Invalid param 'refiner_ratio' 0.2 with 'num_inference_steps' 1 leaves the base no denoising step",
+    ),
+    (
+        "WebP 16384 px wide",
+        frame({"prompt": "a"}),
+        {"output_format": "webp", "width": 16384},
+        "Invalid param 'output_format' webp cannot hold a 16384×64 image: WEBP is limited to 16383 pixels a side",
+    ),
+    (
+        "prompt weight 1e30",
+        frame({"prompt": "a (cat:1" + "0" * 30 + ")"}),
+        {},
+        "Row 0: 'prompt': weight 1e+30 of 'cat' is outside [-10, 10]",
+    ),
+    (
         "unknown scheduler",
         frame({"prompt": "a"}),
         {"scheduler": "K_MAGIC"},
@@ -225,7 +243,7 @@ def test_an_image_url_is_refused_and_never_fetched(model, image_server):
         with pytest.raises(MlflowException, match=r"^Row 0: 'image': URLs are not fetched; send the image inline"):
             model.predict(frame({"prompt": "a", "image": url}), params=FAST)
     rows = frame({"prompt": "a", "image": f"{base_url}/y.png"}, {"prompt": "a", "seed": 1})
-    out = model.predict(rows, params=CHEAP | {"on_error": "null"})
+    out = model.predict(rows, params=CHEAP | {"on_error": "null", "strength": 0.5})  # image rows: 1 step
     assert out["error"][0].startswith("'image': URLs are not fetched") and out["generated_image"][1]
     assert requests == []  # the server saw nothing
 

@@ -62,3 +62,19 @@ def test_max_steps_and_max_pixels_follow_the_config():
         parse(limits, {"prompt": "a"})
     with pytest.raises(RowError, match=r"^Row 0: 'height'/'width' 64×72 is over the 4096-pixel limit \(max_pixels\)"):
         parse(limits, {"prompt": "a", "height": 72}, num_inference_steps=8)
+
+
+def test_input_images_of_one_request_have_a_decoded_pixel_budget():
+    """Every image row is decoded while parsing and held until the request ends: their pixels are
+    bounded per request (max_request_image_pixels), a request error naming the row that passes it."""
+    limits = ModelConfig(max_request_image_pixels=3 * 96 * 64)
+    rows = [{"prompt": f"a {i}", "image": noisy(size=(96, 64))} for i in range(4)]
+    assert len(parse(limits, *rows[:3], {"prompt": "text rows cost nothing"})) == 4
+    for on_error in ("raise", "null"):
+        with pytest.raises(MlflowException) as e:
+            parse(limits, {"prompt": "b"}, *rows, on_error=on_error)
+        assert str(e.value) == (
+            "The input images pass the request's budget of 18432 decoded pixels (max_request_image_pixels) at "
+            "row 4; send fewer or smaller images per request"
+        )
+    assert ModelConfig().max_request_image_pixels == 2 * 8 * ModelConfig().max_pixels  # two full batches of the largest

@@ -178,3 +178,28 @@ def test_pai_eas_prompt_tags_select_adapters_and_round_trip_through_png_metadata
         lora_model.predict(frame({"prompt": "a <lora:x:1>"}), params=FAST)
     with pytest.raises(MlflowException, match=re.escape("'toy' is selected by both 'lora' and a <lora:...> tag")):
         lora_model.predict(frame({"prompt": "a <lora:toy>"}), params=FAST | {"lora": "toy"})
+
+
+def test_adapters_switch_per_request_under_torch_compile(lora_artifact, lora_model):
+    """``compile: unet`` compiles the UNet in place, so diffusers still toggles its adapters: a request
+    without ``lora`` is the adapter-free image, one with it the adapter's, in any order."""
+    compiled = mlflow.pyfunc.load_model(str(lora_artifact), model_config={"compile": "unet", "warmup_size": 0})
+    for spec in ["", "toy", ""]:
+        eager, ours = run(lora_model, spec), run(compiled, spec)
+        for a, b in zip(eager, ours, strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 2, spec  # compiled kernels round differently
+
+
+def test_an_adapter_reaches_the_inpainting_pipelines_over_the_same_modules(lora_model, model):
+    from helpers import png_b64
+    from test_inpaint import BOX, mask_b64
+
+    row = frame({"prompt": "a cat with a hat", "image": png_b64(size=(64, 64)), "mask": mask_b64((64, 64)), "seed": 5})
+    left, top, right, bottom = BOX
+    for refiner in ("none", "ensemble"):
+        params = FAST | {"refiner": refiner}
+        none = lora_model.predict(row, params=params)["generated_image"][0]
+        assert none == model.predict(row, params=params)["generated_image"][0]  # packaged, not selected: no effect
+        toy = pixels(lora_model.predict(row, params=params | {"lora": "toy"})["generated_image"][0])
+        assert np.abs(toy - pixels(none))[top:bottom, left:right].mean() > 1  # the adapter repaints differently
+        assert (toy[:4] == pixels(none)[:4]).all()  # and leaves what is far from the mask alone

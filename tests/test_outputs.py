@@ -106,3 +106,58 @@ def test_image_rows_record_the_input_image_hash_not_the_image(model):
 def test_bad_output_params_are_named(model, params, message):
     with pytest.raises(MlflowException, match=message):
         model.predict(frame({"prompt": "a cat"}), params=FAST | params)
+
+
+@pytest.mark.parametrize(
+    ("params", "row", "message"),
+    [
+        (
+            {"output_format": "webp", "width": 16384},
+            {},
+            "Invalid param 'output_format' webp cannot hold a 16384×64 image: WEBP is limited to 16383 pixels",
+        ),
+        (
+            {"output_format": "jpeg", "width": 65504},
+            {},
+            "Invalid param 'output_format' jpeg cannot hold a 65504×64 image: JPEG is limited to 65500 pixels",
+        ),
+        (
+            {"output_format": "WEBP", "on_error": "null"},
+            {"width": 16384},
+            "Row 0: 'output_format' webp cannot hold a 16384×64 image",
+        ),
+    ],
+)
+def test_sizes_the_encoder_cannot_write_are_refused_before_generating(model, params, row, message):
+    """WebP holds at most 16383 px a side, JPEG 65500: refused at parse time, never after generating."""
+    from model_pkg.request import parse_request
+
+    python_model = model.unwrap_python_model()
+    request = FAST | {"height": 64, "refiner": "none", "num_inference_steps": 1} | params
+    try:
+        rows = parse_request(frame({"prompt": "a cat"} | row), request, python_model.config).rows
+    except MlflowException as e:
+        assert str(e).startswith(message), str(e)
+        return
+    assert str(rows[0]).startswith(message), rows[0]
+
+
+def test_an_encoding_failure_is_that_rows_error(model):
+    """Whatever the encoder still refuses after parsing fails only its row (on_error=null), or the
+    request naming the row (raise), never the whole request with a stack trace."""
+    from dataclasses import replace
+
+    from model_pkg.model import encode_result
+    from model_pkg.request import parse_request
+
+    python_model = model.unwrap_python_model()
+    [row] = parse_request(
+        frame({"prompt": "a cat", "seed": 7}), FAST | {"output_format": "webp"}, python_model.config
+    ).rows
+    too_wide = Image.new("RGB", (16400, 8))  # past parsing's check: as if the encoder had a lower limit
+    result = encode_result(row, too_wide, None, python_model.pipelines.catalog, keep_going=True)
+    assert (result.generated_image, result.seed, result.prompt) == (None, 7, "a cat")
+    assert result.error.startswith("encoding failed: ")
+    with pytest.raises(MlflowException, match=r"^Row 0: encoding failed: ") as e:
+        encode_result(replace(row), too_wide, None, python_model.pipelines.catalog, keep_going=False)
+    assert e.value.error_code == "INTERNAL_ERROR"

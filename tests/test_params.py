@@ -7,7 +7,7 @@ from helpers import FAST, frame, png_b64
 from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig, load_model_config
-from model_pkg.contract import ASPECT_RATIOS, GenerationParams
+from model_pkg.contract import ASPECT_RATIOS, GenerationParams, resolve_strength
 from model_pkg.request import RowError, parse_request
 from model_pkg.schedulers import SCHEDULERS, canonical_scheduler, scheduler_names
 
@@ -21,7 +21,8 @@ def parse(*rows: dict, **params):
 def test_defaults_follow_diffusers_and_the_spec():
     p = GenerationParams()
     assert (p.refiner, p.refiner_ratio, p.num_inference_steps, p.guidance_scale) == ("ensemble", 0.2, 50, 5.0)
-    assert (p.height, p.width, p.strength, p.output_format, p.safety_filter) == (1024, 1024, 0.3, "png", True)
+    assert (p.height, p.width, p.strength, p.output_format, p.safety_filter) == (1024, 1024, -1, "png", True)
+    assert (resolve_strength(p.strength, inpainting=False), resolve_strength(p.strength, inpainting=True)) == (0.3, 1)
     [row] = parse({"prompt": "a cat"})
     s = row.settings
     assert s.mode == "ensemble" and (s.height, s.width) == (1024, 1024)
@@ -109,7 +110,11 @@ def test_bad_params_name_the_param(params, message):
         ({"prompt": "a", "height": 1020}, {}, "Row 1: 'height'/'width' 1024×1020: width and height must be multiples"),
         ({"prompt": "a", "height": 4096, "width": 4096}, {}, "Row 1: 'height'/'width' 4096×4096 is over the"),
         ({"prompt": "a", "num_inference_steps": 151}, {}, "Row 1: 'num_inference_steps' 151 is over the limit of 150"),
-        ({"prompt": "a", "num_inference_steps": 2}, {}, "Row 1: 'refiner_ratio' 0.2 × 'num_inference_steps' 2 must"),
+        (
+            {"prompt": "a", "num_inference_steps": 1},
+            {},
+            "Row 1: 'refiner_ratio' 0.2 with 'num_inference_steps' 1 leaves the base no denoising step",
+        ),
         (
             {"prompt": "a", "image": png_b64(), "num_inference_steps": 3},
             {},
@@ -155,3 +160,37 @@ def test_model_config_validates_and_env_overrides_device_and_dtype():
 
 def test_every_scheduler_name_is_listed_in_errors():
     assert set(scheduler_names()) >= {"default", "DDIM", "K_EULER", "K_EULER_ANCESTRAL", "K_DPMPP_2M", "PNDM"}
+
+
+def test_enum_params_accept_any_case_everywhere():
+    """Every choice param is matched case-insensitively (as scheduler names are) and stored canonical."""
+    mixed = {
+        "refiner": "None",
+        "timestep_spacing": "Leading",
+        "output_format": "WebP",
+        "output_encoding": "DATA_URI",
+        "on_error": "NULL",
+        "prompt_weighting": "Off",
+        "scheduler": "k_euler",
+    }
+    p = GenerationParams.model_validate(mixed)
+    assert p.model_dump(include=set(mixed)) == {
+        "refiner": "none",
+        "timestep_spacing": "leading",
+        "output_format": "webp",
+        "output_encoding": "data_uri",
+        "on_error": "null",
+        "prompt_weighting": "off",
+        "scheduler": "K_EULER",
+    }
+    [row] = parse({"prompt": "a"}, **mixed)
+    assert (row.settings.mode, row.settings.timestep_spacing, row.settings.output_encoding) == (
+        "none",
+        "leading",
+        "data_uri",
+    )
+    with pytest.raises(MlflowException, match=r"^Invalid param 'refiner': Input should be 'none', 'ensemble' or"):
+        parse({"prompt": "a"}, refiner="both")
+    from sdxl_tools.spark import result_type
+
+    assert "error" in result_type({"on_error": "NULL"}).fieldNames()  # the model returns the column

@@ -1,4 +1,6 @@
-"""Speed/memory options give the same images (within tolerance) and still load and generate on CPU.
+"""Speed/memory options give the same images (within tolerance), still load and generate on CPU, and
+take effect: each test also checks the option's mark on the loaded modules, so an option that does
+nothing fails.
 
 Correctness only: timings belong to benchmarks/, never to tests.
 """
@@ -8,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from accelerate.hooks import CpuOffload
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from helpers import FAST, frame
 
 from model_pkg.config import ModelConfig
 from model_pkg.generation import generate_batch
-from model_pkg.pipelines import load_pipelines
+from model_pkg.pipelines import Pipelines, load_pipelines
 from model_pkg.request import parse_request
 from sdxl_tools.artifact import save_artifact, stage_components
 from sdxl_tools.random_weights import base_unet, refiner_unet, text_encoder, text_encoder_2, vae
@@ -20,12 +24,45 @@ from sdxl_tools.random_weights import base_unet, refiner_unet, text_encoder, tex
 ROWS = frame({"prompt": "a cat with a hat", "seed": 1}, {"prompt": "a dog on a bench", "seed": 2})
 
 
-def images(sdxl_dir, params: dict | None = None, **options) -> np.ndarray:
-    """Generate ROWS with pipelines loaded under the given model-config options."""
-    config = ModelConfig(**options)
+def generate(sdxl_dir, params: dict | None = None, **options) -> tuple[np.ndarray, Pipelines]:
+    """Generate ROWS with pipelines loaded under the given model-config options; (images, pipelines)."""
+    config = ModelConfig(**({"dtype": "float32"} | options))  # float32 unless the test asks otherwise
     pipes = load_pipelines(sdxl_dir, config)
     rows = parse_request(ROWS, FAST | (params or {}), config).rows
-    return np.stack([np.asarray(im, dtype=np.int16) for im in generate_batch(pipes, rows)])
+    return np.stack([np.asarray(im, dtype=np.int16) for im in generate_batch(pipes, rows)]), pipes
+
+
+def modules(pipes: Pipelines) -> list[torch.nn.Module]:
+    """The UNets and the (shared) VAE: what the speed options change."""
+    return [pipes.base.unet, pipes.refiner.unet, pipes.base.vae]
+
+
+def attention_processors(pipes: Pipelines) -> set[type]:
+    return {type(p) for module in modules(pipes) for p in module.attn_processors.values()}
+
+
+def channels_last(pipes: Pipelines) -> set[bool]:
+    """For every 4-D weight (convolutions): is it stored channels_last?"""
+    return {
+        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for module in modules(pipes)
+        for p in module.parameters()
+        if p.ndim == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)  # where the two layouts differ
+    }
+
+
+def offload_hooks(pipes: Pipelines) -> set[bool]:
+    return {isinstance(getattr(m, "_hf_hook", None), CpuOffload) for m in modules(pipes)}
+
+
+# option → does the loaded pipelines show it?
+EFFECTS = {
+    "attention": lambda p: attention_processors(p) == {AttnProcessor},
+    "channels_last": lambda p: channels_last(p) == {True},
+    "vae_slicing": lambda p: p.base.vae.use_slicing and p.refiner.vae.use_slicing,
+    "vae_tiling": lambda p: p.base.vae.use_tiling and p.refiner.vae.use_tiling,
+    "cpu_offload": lambda p: offload_hooks(p) == {True},
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +71,15 @@ def sdxl_dir(artifact):
 
 
 @pytest.fixture(scope="module")
-def reference(sdxl_dir) -> np.ndarray:
-    return images(sdxl_dir)
+def reference(sdxl_dir) -> tuple[np.ndarray, Pipelines]:
+    return generate(sdxl_dir)
+
+
+def test_without_options_no_option_shows(reference):
+    _, pipes = reference
+    assert not any(took_effect(pipes) for took_effect in EFFECTS.values())
+    assert attention_processors(pipes) == {AttnProcessor2_0}  # SDPA: diffusers' default on torch 2
+    assert channels_last(pipes) == {False}
 
 
 @pytest.mark.parametrize(
@@ -48,35 +92,35 @@ def reference(sdxl_dir) -> np.ndarray:
     ],
     ids=lambda o: next(iter(o)),
 )
-def test_option_gives_the_same_images(sdxl_dir, reference, options):
-    assert np.abs(images(sdxl_dir, **options) - reference).max() <= 2
-
-
-def test_sdpa_is_the_default_attention(sdxl_dir):
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    pipes = load_pipelines(sdxl_dir, ModelConfig())
-    processors = {type(p) for p in pipes.base.unet.attn_processors.values()}
-    assert processors == {AttnProcessor2_0}
+def test_option_takes_effect_and_gives_the_same_images(sdxl_dir, reference, options):
+    out, pipes = generate(sdxl_dir, **options)
+    assert EFFECTS[next(iter(options))](pipes)
+    assert np.abs(out - reference[0]).max() <= 2
 
 
 def test_vae_tiling_decodes_large_images(sdxl_dir):
     """The tiny VAE tiles above 64 px; a 192×128 image is decoded in overlapping tiles."""
-    out = images(sdxl_dir, {"height": 128, "width": 192, "num_inference_steps": 5}, vae_tiling=True)
+    out, pipes = generate(sdxl_dir, {"height": 128, "width": 192, "num_inference_steps": 5}, vae_tiling=True)
+    assert EFFECTS["vae_tiling"](pipes)
     assert out.shape == (2, 128, 192, 3)
     assert out.std() > 1  # a real picture, not a constant
 
 
 def test_torch_compile_of_unet_and_vae_gives_the_same_images(sdxl_dir, reference):
-    compiled = images(sdxl_dir, compile="unet+vae", warmup_size=0)
-    assert np.abs(compiled - reference).max() <= 2
+    compiled, pipes = generate(sdxl_dir, compile="unet+vae", warmup_size=0)
+    for unet in (pipes.base.unet, pipes.refiner.unet):  # compiled in place: still the diffusers class
+        assert type(unet).__name__ == "UNet2DConditionModel" and unet._compiled_call_impl is not None
+    assert hasattr(pipes.base.vae.decode, "_torchdynamo_orig_callable")
+    assert reference[1].base.unet._compiled_call_impl is None
+    assert np.abs(compiled - reference[0]).max() <= 2
 
 
 def test_float16_runs_with_the_vae_upcast_and_stays_finite(sdxl_dir, reference):
     """SDXL's VAE overflows in float16; diffusers upcasts it (force_upcast) — images must not be NaN/black."""
-    half = images(sdxl_dir, device="cpu", dtype="float16")
+    half, pipes = generate(sdxl_dir, device="cpu", dtype="float16")
+    assert pipes.dtype == pipes.base.unet.dtype == torch.float16
     assert half.std() > 1
-    assert np.abs(half - reference).mean() < 8  # same picture, float16 rounding
+    assert np.abs(half - reference[0]).mean() < 8  # same picture, float16 rounding
 
 
 def test_an_fp16_fixed_vae_replaces_both_pipelines_vae_and_is_shared(tiny, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import FAST, frame, pixels
+from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig
 from model_pkg.prompts import parse_weighted
@@ -72,3 +73,27 @@ def test_rows_needing_different_window_counts_are_batched_apart_and_equal_single
     for i in range(len(rows)):
         single = model.predict(rows.iloc[[i]], params=FAST)
         assert np.abs(pixels(single["generated_image"][0]) - pixels(batched["generated_image"][i])).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "a (cat:1" + "0" * 30 + ") hat"}, "Row 0: 'prompt': weight 1e+30 of 'cat' is outside [-10, 10]"),
+        ({"prompt": "a ((cat:5) hat:3)"}, "Row 0: 'prompt': weight 15 of 'cat' is outside [-10, 10]"),  # nested: ×
+        ({"prompt": "a cat", "negative_prompt": "(blurry:-11)"}, "Row 0: 'negative_prompt': weight -11 of 'blurry'"),
+    ],
+)
+def test_prompt_weights_outside_the_range_are_refused(model, row, message):
+    """``(cat:1e30)`` gave an all-black image with status 200; weights are limited to [-10, 10]."""
+    with pytest.raises(MlflowException) as e:
+        model.predict(frame(row), params=FAST)
+    assert str(e.value).startswith(message), str(e.value)
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_prompt_weights_at_the_range_edges_and_with_weighting_off_are_accepted():
+    rows = frame({"prompt": "a (cat:10) (hat:-10)"}, {"prompt": "a (cat:1000) as text", "negative_prompt": "(x:99)"})
+    auto = parse_request(rows, FAST | {"on_error": "null"}, ModelConfig()).rows
+    assert [type(r).__name__ for r in auto] == ["RowSpec", "RowError"]
+    off = parse_request(rows, FAST | {"prompt_weighting": "off"}, ModelConfig()).rows  # plain text: no weights
+    assert [r.prompt for r in off] == ["a (cat:10) (hat:-10)", "a (cat:1000) as text"]

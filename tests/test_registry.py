@@ -9,8 +9,12 @@ output retyped, the ``seed`` param removed).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +39,10 @@ from sdxl_tools.artifact import Staged, signature, stage_components
 from sdxl_tools.gate import breaking_changes
 from sdxl_tools.random_weights import write_tiny_sdxl
 from sdxl_tools.registry import PromotionRefused, holder, promote, rollback
+from sdxl_tools.scratch import scratch_dir
 
 NAME = "sdxl-dev"
+ROOT = Path(__file__).resolve().parent.parent
 REQUEST = {"prompt": "a red bicycle", "seed": 7}
 
 
@@ -202,7 +208,7 @@ def test_registered_versions_carry_what_a_reviewer_needs(sqlite_registry, staged
     assert second["signature.outputs"] == (
         "prompt:string, generated_image:string, nsfw_content_detected:boolean?, seed:long, error:string?"
     )
-    assert second["signature.inputs"].startswith("prompt:string, image:string?, negative_prompt:any?")
+    assert second["signature.inputs"].startswith("prompt:string, image:string?, mask:string?, negative_prompt:any?")
     assert "seed:long=-1" in second["signature.params"]
 
 
@@ -301,3 +307,95 @@ def test_the_gate_runs_the_code_the_candidate_carries(sqlite_registry, staged, t
         assert holder("sdxl-code", "staging") is None
     assert "undeclared output column 'seed_used'; declared output column 'seed' missing" in str(refused.value.report)
     assert sys.modules["model_pkg.contract"] is contract  # this process's modules are back
+
+
+def test_rollbacks_walk_back_the_alias_history_and_stop_at_the_first_holder(sqlite_registry):
+    """1 -> 2 -> 1, then rollbacks: 2, 1, and then nothing before the first holder (no 2, 1, 2, ... loop)."""
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        for version in (v["v1"], v["v2"], v["v1"]):
+            promote(NAME, version, "canary")
+        assert [rollback(NAME, "canary").version for _ in range(2)] == [v["v2"], v["v1"]]
+        with pytest.raises(MlflowException, match="first holder of @canary on record"):
+            rollback(NAME, "canary")
+        assert holder(NAME, "canary") == v["v1"]
+        history = registry.alias_history(NAME, "canary", client)
+        assert [entry["version"] for entry in history] == [v["v1"]]
+
+
+def killed_at(method: str) -> MlflowClient:
+    """The real registry client, stopped as a kill would stop it when it reaches ``method``:
+    that write and everything after it never happen."""
+    client = MlflowClient()
+
+    def killed(*args, **kwargs):
+        raise SystemExit(f"killed before {method}")
+
+    setattr(client, method, killed)
+    return client
+
+
+def test_a_killed_promote_leaves_no_misleading_tags(sqlite_registry):
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        promote(NAME, v["v1"], "killed")
+        # killed before the alias write: the candidate carries no verdict or previous holder for it
+        with pytest.raises(SystemExit):
+            promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_alias"))
+        assert holder(NAME, "killed") == v["v1"]
+        assert not [key for key in client.get_model_version(NAME, v["v2"]).tags if key.endswith(".killed")]
+        # killed right after the alias write, before the history and tags: a rollback still goes back to v1
+        with pytest.raises(SystemExit):
+            promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_tag"))
+        assert holder(NAME, "killed") == v["v2"]
+        assert rollback(NAME, "killed").version == v["v1"]
+        with pytest.raises(MlflowException, match="first holder"):
+            rollback(NAME, "killed")
+
+
+def test_a_killed_gate_leaves_no_copy_of_the_artifact(sqlite_registry, tmp_path):
+    """SIGTERM: the gate removes its download itself. SIGKILL: the next gate (or batch job) removes it."""
+    uri, v = sqlite_registry
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    command = [
+        sys.executable,
+        str(ROOT / "build.py"),
+        "promote",
+        NAME,
+        "--version",
+        v["v1"],
+        "--to",
+        "staging",
+        "--dry-run",
+    ]
+    env = child_env(MLFLOW_TRACKING_URI=uri, TMPDIR=str(temp))
+
+    def copies() -> list[Path]:
+        return list(temp.rglob("components.json"))
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with (tmp_path / f"gate-{sig.name}.log").open("w") as log:
+            gate = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not copies():
+                assert gate.poll() is None, (tmp_path / f"gate-{sig.name}.log").read_text()
+                assert time.monotonic() < deadline, "the gate downloaded nothing in time"
+                time.sleep(0.02)
+            time.sleep(0.3)  # the download is complete; the gate loads the candidate
+            os.kill(gate.pid, sig)
+            gate.wait(timeout=60)
+        finally:
+            if gate.poll() is None:
+                gate.kill()
+                gate.wait()
+        if sig == signal.SIGTERM:
+            assert (gate.returncode, copies()) == (128 + signal.SIGTERM, [])
+        else:
+            assert gate.returncode == -signal.SIGKILL and len(copies()) == 1  # nothing runs after a SIGKILL
+            with scratch_dir(temp) as mine:
+                assert copies() == []  # removed: its process is gone
+                with scratch_dir(temp):
+                    assert mine.is_dir()  # a running process's folder stays
+            assert not mine.exists()

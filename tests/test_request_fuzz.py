@@ -18,7 +18,7 @@ from model_pkg.request import RowError, RowSpec, parse_request
 
 LIMITS = ModelConfig(max_rows=5)
 PARAMS = list(GenerationParams.model_fields)
-COLUMNS = ["prompt", "image", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height"]
+COLUMNS = ["prompt", "image", "mask", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height"]
 COLUMNS += ["width", "strength", "aspect_ratio", "junk"]
 PNG = png_b64(size=(64, 64))
 
@@ -78,7 +78,7 @@ def test_the_parser_returns_rows_or_raises_mlflow_exception(request, on_error):
         s = row.settings
         assert s.height % 8 == 0 and s.width % 8 == 0 and s.height * s.width <= LIMITS.max_pixels
         assert 1 <= s.num_inference_steps <= LIMITS.max_steps
-        assert math.isfinite(s.guidance_scale) and 0 < s.strength <= 1
+        assert math.isfinite(s.guidance_scale) and (s.strength == -1 or 0 < s.strength <= 1)
 
 
 @given(st.one_of(hostile, st.lists(hostile, max_size=3), st.dictionaries(st.text(max_size=8), hostile, max_size=3)))

@@ -7,6 +7,8 @@ free port of 127.0.0.1 and is stopped when the module ends.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import mlflow
 import pandas as pd
 import pytest
 from helpers import FAST, decode, png_b64
+from PIL import Image
 from scoring_server import ScoringServer
 
 from model_pkg.contract import OUTPUT_COLUMNS
@@ -119,6 +122,25 @@ def test_served_images_equal_in_process_predict(server, served_model, body):
     assert [decode(r["generated_image"]).size for r in served] == [(64, 64), (64, 64)]
 
 
+def test_served_inpainting_equals_in_process_predict(server, served_model):
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (24, 16, 72, 48))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    row = {
+        "prompt": "a green cat",
+        "image": png_b64(size=(96, 64)),
+        "mask": base64.b64encode(buffer.getvalue()).decode(),
+    }
+    rows = [{**row, "seed": 1}, {"prompt": "a red hat", "seed": 2}]
+
+    served = predictions(server.invoke({"dataframe_records": rows, "params": FAST}))
+
+    expected = served_model.predict(pd.DataFrame(rows), params=FAST)
+    assert [r["generated_image"] for r in served] == expected["generated_image"].tolist()  # byte-identical
+    assert [decode(r["generated_image"]).size for r in served] == [(96, 64), (64, 64)]
+
+
 def test_azure_sample_round_trips_to_the_seed_001_shape(server, tmp_path):
     sample = ROOT / "samples" / "azure_request.json"
     result = subprocess.run(
@@ -181,6 +203,17 @@ HOSTILE = [
     ("base64 of a non-image", records({"image": "aGVsbG8gd29ybGQ="}), ["Row 0", "'image'", "not an image"]),
     ("http:// image", records({"image": "http://169.254.169.254/cat.png"}), ["Row 0", "'image'", "not fetched"]),
     ("image too small", records({"image": png_b64(size=(32, 32))}), ["Row 0", "'image'", "at least 64×64"]),
+    ("mask without image", records({"mask": png_b64(size=(64, 64))}), ["Row 0", "'mask' needs an 'image'"]),
+    (
+        "mask of another size",
+        records({"image": png_b64(size=(64, 64)), "mask": png_b64(size=(96, 64))}),
+        ["Row 0", "'mask' is 96×64 but 'image' is 64×64"],
+    ),
+    (
+        "mask not an image",
+        records({"image": png_b64(size=(64, 64)), "mask": "aGVsbG8gd29ybGQ="}),
+        ["Row 0", "'mask'", "not an image"],
+    ),
     (
         "NaN param",
         b'{"dataframe_records": [{"prompt": "a"}], "params": {"guidance_scale": NaN, "height": 64, "width": 64}}',
