@@ -64,7 +64,7 @@ def to_mlflow_request(body: dict[str, Any] | str) -> dict[str, Any]:
 
 
 def to_azure_response(output: pd.DataFrame | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The the model card's response list: prompt, generated_image, nsfw_content_detected per row."""
+    """The model card's response list: prompt, generated_image, nsfw_content_detected per row."""
     records = output.to_dict("records") if isinstance(output, pd.DataFrame) else output
     return [{key: _plain(record.get(key)) for key in AZURE_OUTPUT_KEYS} for record in records]
 

@@ -36,13 +36,17 @@ def _tail(log: Path, chars: int = 3000) -> str:
 
 
 @contextmanager
-def running(args: list[str], ready_url: str, log: Path, env: dict[str, str], timeout: float = 240) -> Iterator[None]:
+def running(
+    args: list[str], ready_url: str, log: Path, env: dict[str, str], timeout: float = 240, cwd: Path | None = None
+) -> Iterator[None]:
     """Run ``args`` in its own process group until ``ready_url`` answers 200; stop the group afterwards.
 
     Fails early with the log's tail when the child exits while we wait.
     """
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:

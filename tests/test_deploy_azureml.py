@@ -62,17 +62,14 @@ class Azmlinfsrv:
 
 
 def serve(venv: Path, artifact: Path, entry_script: Path, log: Path, **extra: str) -> Iterator[Azmlinfsrv]:
+    """``azmlinfsrv --entry_script <absolute path>`` started outside the repository (no ``AML_APP_ROOT``:
+    the server's app root is then its working directory), so the entry script must find what it imports."""
     port = free_port()
-    env = server_env(
-        venv,
-        AZUREML_MODEL_DIR=str(artifact.parent),  # the registered model's folder
-        AML_APP_ROOT=str(ROOT),  # the deployment's code folder (deployment.yml: code: ../..)
-        WORKER_TIMEOUT="600",
-        **extra,
-    )
+    env = server_env(venv, AZUREML_MODEL_DIR=str(artifact.parent), WORKER_TIMEOUT="600", **extra)
+    env.pop("AML_APP_ROOT", None)
     args = [str(venv / "bin" / "python"), str(TESTS / "azmlinfsrv_loopback.py")]
     args += ["--entry_script", str(entry_script), "--port", str(port)]
-    with running(args, f"http://127.0.0.1:{port}/", log, env, timeout=420):
+    with running(args, f"http://127.0.0.1:{port}/", log, env, timeout=420, cwd=log.parent):
         yield Azmlinfsrv(f"http://127.0.0.1:{port}")
 
 

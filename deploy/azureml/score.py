@@ -5,14 +5,16 @@ Takes Azure ML's request body as it is, ``{"input_data": {"columns", "data", "in
 with ``data`` rows as lists or as objects, and returns the model's rows as a JSON list:
 ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed`` (and ``error`` with
 ``on_error=null``). Bad input is an HTTP 400 whose ``message`` names the row and the field (Azure's
-generic MLflow script answers every failure with a 500). Deployed by ``deployment.yml`` beside it;
-the deployment's code folder is the repository root, so that ``sdxl_tools`` is importable.
+generic MLflow script answers every failure with a 500). Deployed by ``deployment.yml`` beside it,
+whose code folder is the repository root: the script imports ``sdxl_tools`` from there, found from
+its own location (``azmlinfsrv`` puts only its app root, by default its working directory, on the path).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ import mlflow
 from azureml.contrib.services.aml_response import AMLResponse
 from mlflow.exceptions import MlflowException
 
+REPOSITORY = Path(__file__).resolve().parents[2]  # deploy/azureml/score.py → the repository root
+sys.path.append(str(REPOSITORY))  # last: the artifact's own model_pkg (put first by load_model) wins
 CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
 _model: mlflow.pyfunc.PyFuncModel | None = None
 
