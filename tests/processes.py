@@ -44,9 +44,7 @@ def running(
     Fails early with the log's tail when the child exits while we wait.
     """
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
-        )
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
         try:
             deadline = time.monotonic() + timeout
             while True:

@@ -103,7 +103,7 @@ def check_rows(rows: list[dict], body: dict) -> None:
 
 def test_the_platform_installs_the_artifacts_requirements_over_its_own(venv, artifact):
     """What the MLmodel asks for is what this venv has: the artifact's requirements file, satisfied."""
-    written = [Requirement(line) for line in (artifact / "requirements.txt").read_text().split()]
+    written = [Requirement(line) for line in (artifact / "requirements.txt").read_text().splitlines()]
     assert written == [Requirement(line) for line in requirements()]  # MLflow normalises the order of specifiers
     assert unmet_requirements(venv, requirements()) == []
 
