@@ -75,6 +75,15 @@ def test_v2_rest_returns_every_output_column_with_nulls_and_applies_request_para
     assert [decode(image).size for image in out["generated_image"]["data"]] == [(64, 64), (64, 64)]  # height/width
 
 
+def test_a_request_from_mlservers_own_client_codec(server):
+    """What ``PandasCodec.encode_request(frame)`` writes: request and input content types, ``[n, 1]`` shapes."""
+    prompt = {"name": "prompt", "shape": [2, 1], "datatype": "BYTES", "parameters": {"content_type": "str"}}
+    body = {"parameters": {"content_type": "pd", **FAST, "seed": 3}, "inputs": [{**prompt, "data": ["a", "b"]}]}
+    out = outputs(server.infer(body))
+    assert out["seed"]["data"] == [3, 4]
+    assert [decode(image).size for image in out["generated_image"]["data"]] == [(64, 64), (64, 64)]
+
+
 def test_same_seed_same_bytes(server):
     body = v2(column("prompt", ["a cat"]), **FAST, seed=11)
     assert outputs(server.infer(body))["generated_image"] == outputs(server.infer(body))["generated_image"]
