@@ -97,89 +97,59 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
         guidance_scale=s.guidance_scale,
         **_step_callback("base", on_step),
     )
-    refine = _step_callback("refiner", on_step)
+    refiner_args = dict(refiner_common, **_step_callback("refiner", on_step))
 
-    if s.inpaint:
-        return _inpaint(rows, base, refiner, base_args, dict(refiner_common, **refine))
     if s.mode == "img2img":
         return refiner(
-            **refiner_common,
+            **refiner_args,
             image=[r.image for r in rows],
             strength=resolve_strength(s.strength, inpainting=False),
             num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale,
-            **refine,
         ).images
+    if not s.inpaint:
+        return _base_then_refiner(s, base, refiner, base_args, refiner_args)
+    # Inpainting, as the diffusers SDXL docs do it: the same stages over the inpainting pipelines, each
+    # given the mask; the result is pasted back over the input outside the (blurred) mask.
+    inputs = [masks.prepare(r.image, r.mask, s.mask_blur) for r in rows]
+    mask_image = [i.mask for i in inputs]
+    base_args |= dict(
+        image=[i.image for i in inputs], mask_image=mask_image, strength=resolve_strength(s.strength, inpainting=True)
+    )
+    # the refiner gets the base's latents: height and width must be given (diffusers' default is 1024)
+    refiner_args |= dict(mask_image=mask_image, height=s.height, width=s.width)
+    images = _base_then_refiner(s, base, refiner, base_args, refiner_args)
+    return [masks.paste_back(out, r.image, i.paste) for out, r, i in zip(images, rows, inputs, strict=True)]
+
+
+def _base_then_refiner(
+    s: Settings, base: Any, refiner: Any, base_args: dict[str, Any], refiner_args: dict[str, Any]
+) -> list[Image.Image]:
+    """The base, then the refiner as ``s.mode`` says: ``none`` (base only), ``ensemble`` (the base stops
+    at the hand-off and the refiner finishes from there) or ``sequential`` (the base finishes and the
+    refiner runs img2img on its latents with its own steps)."""
     if s.mode == "none":
         return base(**base_args).images
     if s.mode == "ensemble":
         split = s.handoff  # the steps each stage runs: request.stage_steps
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         return refiner(
-            **refiner_common,
+            **refiner_args,
             image=latents,
             num_inference_steps=s.num_inference_steps,
             denoising_start=split,
             guidance_scale=s.guidance_scale_refiner,
-            **refine,
         ).images
     if s.mode == "sequential":
         latents = base(**base_args, output_type="latent").images
         return refiner(
-            **refiner_common,
+            **refiner_args,
             image=latents,
             strength=resolve_strength(s.strength, inpainting=False),
             num_inference_steps=s.num_inference_steps_refiner,
             guidance_scale=s.guidance_scale_refiner,
-            **refine,
         ).images
     raise ValueError(f"unknown mode {s.mode!r}")
-
-
-def _inpaint(
-    rows: list[RowSpec], base: Any, refiner: Any, base_args: dict[str, Any], refiner_common: dict[str, Any]
-) -> list[Image.Image]:
-    """Inpaint the masked area of each row's image, then paste the result back over the input.
-
-    As the diffusers SDXL docs do it: the base inpaints (``none``); in the ensemble it stops at
-    ``denoising_end`` and the refiner, an inpainting pipeline too, finishes from ``denoising_start``;
-    ``sequential`` lets the base finish and the refiner inpaint its result again with its own steps.
-    """
-    s = rows[0].settings
-    inputs = [masks.prepare(r.image, r.mask, s.mask_blur) for r in rows]
-    mask_image = [i.mask for i in inputs]
-    base_args = dict(
-        base_args,
-        image=[i.image for i in inputs],
-        mask_image=mask_image,
-        strength=resolve_strength(s.strength, inpainting=True),
-    )
-    # the refiner gets the base's latents: height and width must be given (diffusers' default is 1024)
-    refiner_args = dict(refiner_common, mask_image=mask_image, height=s.height, width=s.width)
-    if s.mode == "none":
-        images = base(**base_args).images
-    elif s.mode == "ensemble":
-        split = s.handoff
-        latents = base(**base_args, denoising_end=split, output_type="latent").images
-        images = refiner(
-            **refiner_args,
-            image=latents,
-            num_inference_steps=s.num_inference_steps,
-            denoising_start=split,
-            guidance_scale=s.guidance_scale_refiner,
-        ).images
-    elif s.mode == "sequential":
-        latents = base(**base_args, output_type="latent").images
-        images = refiner(
-            **refiner_args,
-            image=latents,
-            strength=resolve_strength(s.strength, inpainting=False),
-            num_inference_steps=s.num_inference_steps_refiner,
-            guidance_scale=s.guidance_scale_refiner,
-        ).images
-    else:
-        raise ValueError(f"unknown mode {s.mode!r}")
-    return [masks.paste_back(out, r.image, i.paste) for out, r, i in zip(images, rows, inputs, strict=True)]
 
 
 def warm_up(pipes: Pipelines, config: ModelConfig) -> None:

@@ -153,8 +153,9 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     logging.getLogger("diffusers.models.modeling_utils").addFilter(_FP32_FILTER)  # idempotent
     manifest = json.loads((root / MANIFEST).read_text())
     K = ManifestKey
-    device, dtype = choose_device_dtype(config)
-    logger.info("loading SDXL base + refiner on %s in %s (%s)", device, dtype, _why(config, device, dtype))
+    capabilities = cpu_capabilities()
+    device, dtype = choose_device_dtype(config, capabilities)
+    logger.info("loading SDXL base + refiner on %s in %s (%s)", device, dtype, _why(config, device, capabilities))
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
 
@@ -205,12 +206,12 @@ def inpaint_pipeline(pipe: DiffusionPipeline) -> StableDiffusionXLInpaintPipelin
     return inpaint
 
 
-def _why(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> str:
+def _why(config: ModelConfig, device: torch.device, capabilities: Mapping[str, Any]) -> str:
     """How the dtype was chosen, for the load log line."""
     if config.dtype != "auto":
         return "dtype set in the model config or SDXL_DTYPE"
     if device.type == "cpu":
-        features = native_bf16(cpu_capabilities())
+        features = native_bf16(capabilities)
         return f"auto: native bfloat16 ({', '.join(features)})" if features else "auto: no native bfloat16 on this CPU"
     return f"auto on {device.type}"
 

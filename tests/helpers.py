@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,3 +33,13 @@ def png_b64(color=(200, 40, 40), size=(96, 64)) -> str:
 
 def frame(*rows: dict) -> pd.DataFrame:
     return pd.DataFrame(list(rows))
+
+
+def raw_pipelines(tiny: Any, base_class: type, refiner_class: type) -> tuple[Any, Any]:
+    """Plain diffusers pipelines of the tiny SDXL, loaded the way the diffusers SDXL docs do it
+    (the refiner shares the base's second text encoder and VAE)."""
+    base = base_class.from_pretrained(tiny.base)
+    refiner = refiner_class.from_pretrained(tiny.refiner, text_encoder_2=base.text_encoder_2, vae=base.vae)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-from helpers import FAST, decode, frame, pixels, png_b64
+from helpers import FAST, decode, frame, pixels, png_b64, raw_pipelines
 
 from model_pkg.config import ModelConfig
 from model_pkg.contract import OUTPUT_COLUMNS
@@ -88,14 +88,7 @@ def test_request_seed_gives_row_i_seed_plus_i(model):
 
 @pytest.fixture(scope="module")
 def raw(tiny):
-    """The plain diffusers pipelines, loaded the way the diffusers SDXL docs do it."""
-    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        tiny.refiner, text_encoder_2=base.text_encoder_2, vae=base.vae
-    )
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
+    return raw_pipelines(tiny, StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline)
 
 
 def raw_image(raw, mode: str, prompt: str, seed: int, image=None):

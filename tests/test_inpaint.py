@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
-from helpers import FAST, decode, frame, pixels, png_b64
+from helpers import FAST, decode, frame, pixels, png_b64, raw_pipelines
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema
@@ -102,14 +102,7 @@ def test_without_paste_back_the_vae_round_trip_would_change_every_pixel(model):
 
 @pytest.fixture(scope="module")
 def raw_inpaint(tiny):
-    """diffusers' SDXL inpainting pipelines, loaded as the diffusers SDXL docs do it."""
-    base = StableDiffusionXLInpaintPipeline.from_pretrained(tiny.base)
-    refiner = StableDiffusionXLInpaintPipeline.from_pretrained(
-        tiny.refiner, text_encoder_2=base.text_encoder_2, vae=base.vae
-    )
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
+    return raw_pipelines(tiny, StableDiffusionXLInpaintPipeline, StableDiffusionXLInpaintPipeline)
 
 
 def raw_inpainted(raw_inpaint, mode: str, prompt: str, seed: int, image: Image.Image, mask: Image.Image):

@@ -27,14 +27,6 @@ from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Parame
 from mlserver_mlflow import MLflowRuntime
 
 CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
-V2_TYPES = {
-    "string": Datatype.BYTES,
-    "boolean": Datatype.BOOL,
-    "long": Datatype.INT64,
-    "integer": Datatype.INT32,
-    "double": Datatype.FP64,
-    "float": Datatype.FP32,
-}
 
 
 class SDXLRuntime(MLflowRuntime):
@@ -47,7 +39,7 @@ class SDXLRuntime(MLflowRuntime):
             if e.error_code in CLIENT_ERRORS:
                 raise InferenceError(e.message) from None  # HTTP 400
             raise
-        declared = {spec.name: spec.type.name for spec in self._signature.outputs.inputs}
+        declared = {tensor.name: tensor.datatype for tensor in self.outputs}  # from the signature, at load
         return InferenceResponse(
             model_name=self.name,
             model_version=self.version,
@@ -56,9 +48,8 @@ class SDXLRuntime(MLflowRuntime):
         )
 
 
-def encode_column(column: pd.Series, declared_type: str) -> ResponseOutput:
+def encode_column(column: pd.Series, datatype: Datatype) -> ResponseOutput:
     """One V2 output of the declared type; nulls (None, NaN, NA) become JSON null."""
-    datatype = V2_TYPES[declared_type]
     return ResponseOutput(
         name=str(column.name),
         shape=[len(column), 1],
