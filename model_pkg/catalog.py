@@ -91,7 +91,8 @@ class RowText:
 
     prompt: str  # what is encoded: the styled prompt
     negative_prompt: str
-    lora: lora.Selection
+    lora: lora.Selection  # every adapter to enable
+    param_lora: lora.Selection  # those the lora param selected (the rest: the prompt's <lora:...> tags)
     prompt_chunks: int  # 0: plain diffusers text encoding; n: weighted/chunked, n windows of 75 tokens
     watermark: bool
 
@@ -150,7 +151,7 @@ def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog
         styled, styled_negative = catalog.styles.apply(params.style, prompt, negative_prompt)
     except ValueError as e:
         raise ValueError(f"'style': {e}") from None
-    selection = lora.parse_selection(params.lora, params.lora_scale, catalog.loras)
+    selection = param_selection = lora.parse_selection(params.lora, params.lora_scale, catalog.loras)
     if tag_spec:
         try:
             tagged = lora.parse_selection(tag_spec, 1.0, catalog.loras)
@@ -170,6 +171,7 @@ def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog
         prompt=styled,
         negative_prompt=styled_negative,
         lora=selection,
+        param_lora=param_selection,
         prompt_chunks=chunks,
         watermark=params.watermark and catalog.watermarker is not None,
     )

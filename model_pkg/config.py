@@ -56,7 +56,7 @@ class ModelConfig(BaseModel):
             raise ValueError(f"unknown image format(s) {unknown}; Pillow opens {sorted(Image.OPEN)}")
         return formats
 
-    # Speed and memory (see performance.py); the defaults are plain diffusers.
+    # Speed and memory (applied once at load: pipelines.apply_options); the defaults are plain diffusers.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")
     channels_last: bool = Field(False, description="UNets and VAE in channels_last memory format")
     compile: Literal["none", "unet", "unet+vae"] = Field("none", description="torch.compile these at load")

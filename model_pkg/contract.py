@@ -1,4 +1,4 @@
-"""The contract, declared once: generation params, per-row input columns, output columns.
+"""The contract, declared once: generation params, per-row input columns, output columns, constants.
 
 :class:`GenerationParams` is the single declaration of every param's name, type, default and
 range. The MLflow signature (``ParamSchema``, input and output schemas) is derived from this module
@@ -6,13 +6,16 @@ when the artifact is built (``sdxl_tools.artifact.signature``), the parser valid
 it, and the PNG reproduction request is checked against it by the tests. MLflow always fills every
 param in, so "not given" is spelled with a sentinel: ``seed=-1`` draws a random seed,
 ``num_inference_steps_refiner=-1`` / ``guidance_scale_refiner=-1`` inherit the base values,
-``aspect_ratio=""`` uses ``height``/``width``.
+``aspect_ratio=""`` uses ``height``/``width``. The parser resolves every sentinel once, into the row spec
+(``model_pkg.spec``) that planning, generation and encoding read.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, get_args, get_origin
+from enum import StrEnum
+from typing import Any, Literal, get_args, get_origin
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -21,6 +24,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from model_pkg.schedulers import TIMESTEP_SPACINGS, canonical_scheduler, scheduler_names
 
 MAX_SEED = 2**32 - 1  # the seed range of the SDXL services; exact in float64 (pandas, JSON, Spark)
+VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes are multiples of it, one latent cell is 8×8 pixels
+MIN_SIDE = 64  # the smallest side of a generated (or input) image
+MAX_LORA_WEIGHT = 10.0  # LoRA adapter weights (lora_scale and NAME:WEIGHT) lie in [-10, 10]
+
+
+def is_missing(value: Any) -> bool:
+    """True for "not given": None, NaN and pandas NA (a missing JSON key, a null column, a Spark null)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+class Mode(StrEnum):
+    """How a row runs the two pipelines: the ``refiner`` param's choices, and img2img for image rows."""
+
+    NONE = "none"  # the base alone
+    ENSEMBLE = "ensemble"  # the base hands its latents to the refiner at 1 - refiner_ratio
+    SEQUENTIAL = "sequential"  # the base finishes, the refiner runs img2img on its latents
+    IMG2IMG = "img2img"  # rows with an input image: the refiner alone, as img2img
+
+
+REFINER_MODES = (Mode.NONE.value, Mode.ENSEMBLE.value, Mode.SEQUENTIAL.value)
 
 # Stability AI's SDXL 1.0 resolutions (their SDXL API parameters): aspect ratio → (width, height).
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -71,7 +94,7 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    refiner: Literal["none", "ensemble", "sequential"] = Field(
+    refiner: Literal[REFINER_MODES] = Field(  # type: ignore[valid-type]
         "ensemble",
         description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
         "(denoising_end/denoising_start); sequential: base then refiner img2img",
@@ -97,8 +120,8 @@ class GenerationParams(BaseModel):
     )
     negative_prompt: str = Field("", description="what not to draw")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
-    height: int = Field(1024, ge=64, description="pixels, multiple of 8")
-    width: int = Field(1024, ge=64, description="pixels, multiple of 8")
+    height: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}")
+    width: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}")
     aspect_ratio: Literal["", *ASPECT_RATIOS] = Field(  # type: ignore[valid-type]
         "", description="one of the SDXL resolutions; overrides height/width"
     )
@@ -119,7 +142,9 @@ class GenerationParams(BaseModel):
     lora: str = Field(
         "", description="packaged LoRA adapters: NAME or NAME:WEIGHT, comma-separated (e.g. 'toy:0.8,pixel'); '' none"
     )
-    lora_scale: float = Field(1.0, ge=-10, le=10, description="weight of the adapters named in 'lora' without one")
+    lora_scale: float = Field(
+        1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, description="weight of the adapters named in 'lora' without one"
+    )
     prompt_weighting: Literal["auto", "off"] = Field(
         "auto",
         description="auto: '(text:1.3)' weights and prompts past 77 tokens use chunked weighted embeddings, other "
@@ -189,10 +214,20 @@ def parse_params(params: dict | None) -> GenerationParams:
         raise MlflowException.invalid_parameter_value(format_error(e, "Invalid param")) from e
 
 
+# Params the PNG reproduction request leaves out, and why: the image does not depend on them as given.
+# It records every other param of the row, as the parser resolved it (``RowSpec.params``).
+NOT_REPRODUCED = {
+    "on_error": "how failures are reported, not what is drawn",
+    "aspect_ratio": "resolved into height and width",
+    "lora_scale": "folded into the weights written in lora",
+}
+
+
 # -- outputs ------------------------------------------------------------------------------------
 
 OUTPUT_COLUMNS = ("prompt", "generated_image", "nsfw_content_detected", "seed")
 ERROR_COLUMN = "error"  # added with on_error="null"
+METADATA_KEY = "sdxl_pyfunc"  # the PNG text chunk holding the reproduction request (model_pkg.metadata)
 
 
 @dataclass(frozen=True)

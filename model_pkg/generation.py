@@ -1,11 +1,11 @@
-"""Generation modes and batching: validated rows → images, one pipeline call per batch.
+"""Generation: one batch of rows that share their settings (``model_pkg.plan``) → images, one pipeline call.
 
-Modes (``Settings.mode``), following the diffusers SDXL docs:
+Modes (``Settings.mode``, a :class:`~model_pkg.contract.Mode`), following the diffusers SDXL docs:
 
 - ``none``: the base alone.
 - ``ensemble``: "ensemble of expert denoisers": the base runs the schedule down to timestep
   ``1000 × (1 - refiner_ratio)`` (``denoising_end``) and hands its latents to the refiner
-  (``denoising_start``); how many steps that is per stage: :func:`model_pkg.request.stage_steps`.
+  (``denoising_start``); how many steps that is per stage: :func:`model_pkg.plan.stage_steps`.
 - ``sequential``: the base denoises fully, the refiner runs img2img (SDEdit) on its latents with its
   own steps, guidance and ``strength``.
 - ``img2img``: rows with an input image run the refiner as img2img (the Azure refiner model).
@@ -25,25 +25,14 @@ from PIL import Image
 
 from model_pkg import lora, masks, prompts
 from model_pkg.config import ModelConfig
-from model_pkg.contract import resolve_strength
+from model_pkg.contract import Mode
 from model_pkg.pipelines import Pipelines, call_view
-from model_pkg.request import RowSpec, Settings, parse_request
+from model_pkg.request import parse_request
+from model_pkg.spec import RowSpec, Settings
 
 # on_step(stage, step_index, pipeline): called after every denoising step (diffusers'
 # callback_on_step_end); stage is "base" or "refiner", pipeline the per-call view that ran it.
 StepCallback = Callable[[str, int, Any], None]
-
-
-def plan_batches(rows: list[RowSpec], max_batch_size: int) -> list[list[RowSpec]]:
-    """Group rows that can share one pipeline call, in order of first appearance, chunked.
-
-    Rows must share their settings, and either all or none must have a negative prompt: a
-    missing negative prompt means zero embeddings in SDXL, an empty string does not.
-    """
-    groups: dict[tuple[Settings, bool], list[RowSpec]] = {}
-    for row in rows:
-        groups.setdefault((row.settings, bool(row.effective_negative_prompt)), []).append(row)
-    return [group[i : i + max_batch_size] for group in groups.values() for i in range(0, len(group), max_batch_size)]
 
 
 def _step_callback(stage: str, on_step: StepCallback | None) -> dict[str, Any]:
@@ -58,7 +47,7 @@ def _step_callback(stage: str, on_step: StepCallback | None) -> dict[str, Any]:
 
 
 def generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback | None = None) -> list[Image.Image]:
-    """Run one batched pipeline call for rows that share :class:`Settings` (see :func:`plan_batches`),
+    """Run one batched pipeline call for rows that share :class:`Settings` (``model_pkg.plan.plan_batches``),
     with exactly their LoRA adapters enabled (all disabled again afterwards)."""
     with lora.activated(pipes.base, rows[0].settings.lora):
         return _generate_batch(pipes, rows, on_step)
@@ -75,8 +64,8 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     )
     # per-call views of the pipelines this mode runs (img2img rows use only the refiner, none only the base)
     base_pipe, refiner_pipe = (pipes.inpaint, pipes.refiner_inpaint) if s.inpaint else (pipes.base, pipes.refiner)
-    base = call_view(base_pipe, s.scheduler, s.timestep_spacing) if s.mode != "img2img" else None
-    refiner = call_view(refiner_pipe, s.scheduler, s.timestep_spacing) if s.mode != "none" else None
+    base = call_view(base_pipe, s.scheduler, s.timestep_spacing) if s.mode is not Mode.IMG2IMG else None
+    refiner = call_view(refiner_pipe, s.scheduler, s.timestep_spacing) if s.mode is not Mode.NONE else None
     views = [view for view in (base, refiner) if view is not None]
     if s.watermark and pipes.catalog is not None:
         for view in views:
@@ -99,11 +88,11 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     )
     refiner_args = dict(refiner_common, **_step_callback("refiner", on_step))
 
-    if s.mode == "img2img":
+    if s.mode is Mode.IMG2IMG:
         return refiner(
             **refiner_args,
             image=[r.image for r in rows],
-            strength=resolve_strength(s.strength, inpainting=False),
+            strength=s.strength,
             num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale,
         ).images
@@ -113,9 +102,7 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
     # given the mask; the result is pasted back over the input outside the (blurred) mask.
     inputs = [masks.prepare(r.image, r.mask, s.mask_blur) for r in rows]
     mask_image = [i.mask for i in inputs]
-    base_args |= dict(
-        image=[i.image for i in inputs], mask_image=mask_image, strength=resolve_strength(s.strength, inpainting=True)
-    )
+    base_args |= dict(image=[i.image for i in inputs], mask_image=mask_image, strength=s.strength)
     # the refiner gets the base's latents: height and width must be given (diffusers' default is 1024)
     refiner_args |= dict(mask_image=mask_image, height=s.height, width=s.width)
     images = _base_then_refiner(s, base, refiner, base_args, refiner_args)
@@ -128,10 +115,10 @@ def _base_then_refiner(
     """The base, then the refiner as ``s.mode`` says: ``none`` (base only), ``ensemble`` (the base stops
     at the hand-off and the refiner finishes from there) or ``sequential`` (the base finishes and the
     refiner runs img2img on its latents with its own steps)."""
-    if s.mode == "none":
+    if s.mode is Mode.NONE:
         return base(**base_args).images
-    if s.mode == "ensemble":
-        split = s.handoff  # the steps each stage runs: request.stage_steps
+    if s.mode is Mode.ENSEMBLE:
+        split = s.handoff  # the steps each stage runs: plan.stage_steps
         latents = base(**base_args, denoising_end=split, output_type="latent").images
         return refiner(
             **refiner_args,
@@ -140,12 +127,12 @@ def _base_then_refiner(
             denoising_start=split,
             guidance_scale=s.guidance_scale_refiner,
         ).images
-    if s.mode == "sequential":
+    if s.mode is Mode.SEQUENTIAL:
         latents = base(**base_args, output_type="latent").images
         return refiner(
             **refiner_args,
             image=latents,
-            strength=resolve_strength(s.strength, inpainting=False),
+            strength=s.refiner_strength,
             num_inference_steps=s.num_inference_steps_refiner,
             guidance_scale=s.guidance_scale_refiner,
         ).images

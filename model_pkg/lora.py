@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from model_pkg.contract import MAX_LORA_WEIGHT
+
 PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)
 Selection = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: part of the batching key
 
@@ -78,8 +80,9 @@ def parse_selection(spec: str, scale: float, packaged: dict[str, str] | None) ->
             weight = float(weight_text) if sep else scale
         except ValueError:
             raise ValueError(f"'lora': weight of {name!r} must be a number, got {weight_text!r}") from None
-        if not (-10 <= weight <= 10):
-            raise ValueError(f"'lora': weight of {name!r} must be between -10 and 10, got {weight}")
+        if not (-MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT):
+            bound = f"{MAX_LORA_WEIGHT:g}"
+            raise ValueError(f"'lora': weight of {name!r} must be between -{bound} and {bound}, got {weight}")
         if name in chosen:
             raise ValueError(f"'lora': adapter {name!r} is named twice")
         chosen[name] = weight

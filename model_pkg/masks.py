@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-CELL = 8  # SDXL's VAE scale factor: one latent cell is 8×8 pixels
+from model_pkg.contract import VAE_SCALE as CELL  # one latent cell is 8×8 pixels
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:

@@ -2,12 +2,12 @@
 
 A request, as :meth:`SDXLModel.predict` reads:
 
-1. parse    the input frame and params → one validated row spec (or row error) per input row
-2. plan     rows that share their settings → batches, one pipeline call each
-3. generate each batch (base, refiner, or both, per the rows' mode)
-4. safety   the packaged checker flags images (and blacks them out with ``safety_filter``)
-5. encode   each image as PNG / JPEG / WebP, base64 or a data URI, with PNG metadata
-6. frame    one output row per input row, in input order
+1. parse    the input frame and params → one validated row spec (or row error) per input row (request.py)
+2. plan     rows that share their settings → batches, one pipeline call each (plan.py)
+3. generate each batch (base, refiner, or both, per the rows' mode) (generation.py)
+4. safety   the packaged checker flags images (and blacks them out with ``safety_filter``) (safety.py)
+5. encode   each image as PNG / JPEG / WebP, base64 or a data URI (images.py), with PNG metadata (metadata.py)
+6. frame    one output row per input row, in input order (contract.py)
 
 With ``on_error="null"`` a batch that fails is retried row by row, so one bad row costs only its
 own image; with ``"raise"`` the failure ends the request with the rows it concerned.
@@ -24,15 +24,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from PIL import Image
 
+from model_pkg.catalog import Catalog
 from model_pkg.config import load_model_config
 from model_pkg.contract import RowResult, output_frame
-from model_pkg.generation import generate_batch, plan_batches, warm_up
+from model_pkg.generation import generate_batch, warm_up
 from model_pkg.images import encode_output
+from model_pkg.metadata import png_text
 from model_pkg.pipelines import Pipelines, load_pipelines
+from model_pkg.plan import plan_batches
 from model_pkg.prompts import truncation_warnings
-from model_pkg.request import RowError, RowSpec, check_whole_request, parse_request
+from model_pkg.request import RowError, check_whole_request, parse_request
 from model_pkg.safety import filter_images
 from model_pkg.spark_nulls import preserve_struct_nulls
+from model_pkg.spec import RowSpec
 
 
 class SDXLModel(mlflow.pyfunc.PythonModel):
@@ -76,7 +80,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
                         results |= {r.index: RowResult(r.prompt, None, None, r.seed, outcome) for r in done}
                         continue
                     # 4. safety
-                    images, flags = filter_images(outcome, pipes.safety_checker, done[0].settings.safety_filter)
+                    images, flags = filter_images(outcome, pipes.safety_checker, request.params.safety_filter)
                     # 5. encode
                     for row, image, flag in zip(done, images, flags, strict=True):
                         results[row.index] = encode_result(row, image, flag, pipes.catalog, keep_going)
@@ -85,10 +89,14 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         return output_frame([results[i] for i in range(len(request.rows))], with_errors=keep_going)
 
 
-def encode_result(row: RowSpec, image: Image.Image, flag: bool | None, catalog: Any, keep_going: bool) -> RowResult:
+def encode_result(
+    row: RowSpec, image: Image.Image, flag: bool | None, catalog: Catalog | None, keep_going: bool
+) -> RowResult:
     """The output row of an image; parsing refused what the encoders cannot write, so a failure is unexpected."""
+    p = row.params
     try:
-        return RowResult(row.prompt, encode_output(image, row, catalog), flag, row.seed)
+        encoded = encode_output(image, p.output_format, p.output_quality, p.output_encoding, png_text(row, catalog))
+        return RowResult(row.prompt, encoded, flag, row.seed)
     except Exception as e:
         message = f"encoding failed: {type(e).__name__}: {e}"
         if not keep_going:

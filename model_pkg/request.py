@@ -6,8 +6,6 @@ Everything a user can get wrong is checked here, before any pipeline runs, and r
 
 from __future__ import annotations
 
-import functools
-import math
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,85 +17,27 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from pydantic import ValidationError
 
-from model_pkg import schedulers as schedulers_
 from model_pkg.catalog import Catalog, check_request, resolve_row
 from model_pkg.config import ModelConfig
 from model_pkg.contract import (
     ASPECT_RATIOS,
     IMAGE_COLUMNS,
     MAX_SEED,
+    MIN_SIDE,
     ROW_FIELDS,
+    VAE_SCALE,
     GenerationParams,
+    Mode,
     format_error,
+    is_missing,
     parse_params,
     resolve_strength,
 )
 from model_pkg.images import ImageError, check_encodable, decode_image
+from model_pkg.lora import format_selection
 from model_pkg.masks import binary_mask, padded_size
-
-VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes must be multiples of it
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What rows must share to be generated in one batched pipeline call (hashable: a group key)."""
-
-    mode: str  # "none" | "ensemble" | "sequential" | "img2img" (the refiner's mode; inpainting rows have one too)
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    refiner_ratio: float
-    num_inference_steps_refiner: int
-    guidance_scale_refiner: float
-    strength: float
-    scheduler: str
-    timestep_spacing: str
-    output_format: str
-    safety_filter: bool
-    lora: tuple[tuple[str, float], ...] = ()  # (adapter, weight) pairs, sorted
-    prompt_chunks: int = 0  # 0: prompts go to diffusers as text; n: weighted embeddings of n 75-token windows
-    watermark: bool = False
-    output_quality: int = 95
-    output_encoding: str = "base64"
-    png_metadata: bool = False
-    mask_blur: int = 0
-    inpaint: bool = False  # rows with an image and a mask: the base inpaints, then the refiner per ``mode``
-
-    @property
-    def handoff(self) -> float:  # ensemble: the base's denoising_end, the refiner's denoising_start
-        return 1.0 - self.refiner_ratio
-
-
-@dataclass(frozen=True, eq=False)
-class RowSpec:
-    """One output image: what to generate and with which seed."""
-
-    index: int
-    prompt: str
-    negative_prompt: str
-    seed: int
-    image: Image.Image | None
-    settings: Settings
-    style: str = ""
-    styled_prompt: str | None = None  # the text encoded, when a style changed it
-    styled_negative_prompt: str | None = None
-    mask: Image.Image | None = None  # inpainting: the binary mask (255 = repaint), the image's size
-
-    @property
-    def task(self) -> str:
-        """What the row asks for, as the PNG metadata records it."""
-        if self.mask is not None:
-            return "inpainting"
-        return "text-to-image" if self.image is None else "image-to-image"
-
-    @property
-    def effective_prompt(self) -> str:
-        return self.prompt if self.styled_prompt is None else self.styled_prompt
-
-    @property
-    def effective_negative_prompt(self) -> str:
-        return self.negative_prompt if self.styled_negative_prompt is None else self.styled_negative_prompt
+from model_pkg.plan import check_steps
+from model_pkg.spec import RowSpec, Settings
 
 
 class RowError(MlflowException):
@@ -111,13 +51,6 @@ class RowError(MlflowException):
         self.seed = seed  # the seed the row was given (its column, or request seed + row), if any
 
 
-def _present(value: Any) -> bool:
-    """True for a real value; None, NaN and pandas NA mean "not given" (a missing JSON key, a Spark null)."""
-    if value is None or value is pd.NA:
-        return False
-    return not (isinstance(value, float) and math.isnan(value))
-
-
 def _python(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -129,7 +62,7 @@ def _random_seed() -> int:
 def _given_seed(index: int, row: dict[str, Any], request: GenerationParams) -> int | None:
     """The row's own seed, else request seed + row; None when neither is given (a random one is drawn)."""
     value = _python(row.get("seed"))
-    if _present(value) and (seed := GenerationParams(seed=value).seed) != -1:  # raises for a bad seed
+    if not is_missing(value) and (seed := GenerationParams(seed=value).seed) != -1:  # raises for a bad seed
         return seed
     if request.seed == -1:
         return None
@@ -167,31 +100,28 @@ def check_limits(p: GenerationParams, limits: ModelConfig) -> None:
     check_encodable(p.output_format, width, height)
 
 
-def _settings(
-    p: GenerationParams, limits: ModelConfig, image: Image.Image | None, mask: Image.Image | None = None
+def _row_settings(
+    p: GenerationParams, limits: ModelConfig, image: Image.Image | None, mask: Image.Image | None
 ) -> Settings:
-    """Resolve sentinels and cross-field rules into the concrete settings of one row."""
-    steps_refiner = _refiner_steps(p)
-    guidance_refiner = p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner
+    """The settings of a row: its mode and the size the pipeline runs at, from its params and images."""
     check_limits(p, limits)
-
     if mask is not None:
-        mode = p.refiner
         # the pipeline runs at the image's size padded to multiples of 8; the output is cropped back
-        width, height = _inpaint_size(image, limits)
+        width, height = padded_size(_check_input_size(image))
+        _check_size(height, width, limits, "'image'")
         check_encodable(p.output_format, *image.size)  # the output is the input's size
-    elif image is not None:
-        mode = "img2img"
+        return _settings(p, Mode(p.refiner), True, width, height)
+    if image is not None:
         # diffusers floors an input image to multiples of the VAE scale; the output has that size
-        width, height = (x - x % VAE_SCALE for x in image.size)
-        if min(width, height) < 64:
-            raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least 64×64 is needed")
+        width, height = (x - x % VAE_SCALE for x in _check_input_size(image))
         _check_size(height, width, limits, "'image'")
         check_encodable(p.output_format, width, height)
-    else:
-        mode = p.refiner
-        width, height = _size(p)
+        return _settings(p, Mode.IMG2IMG, False, width, height)
+    return _settings(p, Mode(p.refiner), False, *_size(p))
 
+
+def _settings(p: GenerationParams, mode: Mode, inpaint: bool, width: int, height: int) -> Settings:
+    """Every sentinel and default of ``p`` resolved, once: what the stages after parsing read."""
     return Settings(
         mode=mode,
         height=height,
@@ -199,82 +129,26 @@ def _settings(
         num_inference_steps=p.num_inference_steps,
         guidance_scale=p.guidance_scale,
         refiner_ratio=p.refiner_ratio,
-        num_inference_steps_refiner=steps_refiner,
-        guidance_scale_refiner=guidance_refiner,
-        strength=p.strength,
+        num_inference_steps_refiner=_refiner_steps(p),
+        guidance_scale_refiner=p.guidance_scale if p.guidance_scale_refiner == -1 else p.guidance_scale_refiner,
+        strength=resolve_strength(p.strength, inpainting=inpaint),
+        refiner_strength=resolve_strength(p.strength, inpainting=False),
         scheduler=p.scheduler,
         timestep_spacing=p.timestep_spacing,
-        output_format=p.output_format,
-        safety_filter=p.safety_filter,
-        output_quality=p.output_quality,
-        output_encoding=p.output_encoding,
-        png_metadata=p.png_metadata,
         mask_blur=p.mask_blur,
-        inpaint=mask is not None,
+        inpaint=inpaint,
     )
 
 
-def _inpaint_size(image: Image.Image, limits: ModelConfig) -> tuple[int, int]:
-    """(width, height) an inpainting row is generated at: the image's, padded to multiples of 8."""
-    if min(image.size) < 64:
-        raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least 64×64 is needed")
-    width, height = padded_size(image.size)
-    _check_size(height, width, limits, "'image'")
-    return width, height
-
-
-def stage_steps(s: Settings, schedulers: tuple[Any, Any]) -> dict[str, int]:
-    """Denoising steps each stage of ``s.mode`` runs on the packaged (base, refiner) ``schedulers``, as
-    diffusers decides them on the real schedule (loop iterations: what ``callback_on_step_end`` sees)."""
-    base, refiner = (functools.partial(schedulers_.schedule, p, s.scheduler, s.timestep_spacing) for p in schedulers)
-    steps, steps_refiner = s.num_inference_steps, s.num_inference_steps_refiner
-    strength = resolve_strength(s.strength, inpainting=False)  # image rows, the sequential refiner pass
-    base_schedule = base(steps) if s.mode != "img2img" else None
-    if s.inpaint:  # the base inpaints with its own strength before any handoff
-        base_schedule = schedulers_.with_strength(base_schedule, steps, resolve_strength(s.strength, True))
-    if s.mode == "none":
-        return {"base": len(base_schedule.timesteps)}
-    if s.mode == "ensemble":
-        base_steps = schedulers_.steps_until(base_schedule, s.handoff)
-        return {"base": base_steps, "refiner": schedulers_.steps_from(refiner(steps), s.handoff)}
-    if s.mode == "sequential":
-        refined = schedulers_.with_strength(refiner(steps_refiner), steps_refiner, strength)
-        return {"base": len(base_schedule.timesteps), "refiner": len(refined.timesteps)}
-    if s.mode == "img2img":
-        return {"refiner": len(schedulers_.with_strength(refiner(steps), steps, strength).timesteps)}
-    raise ValueError(f"unknown mode {s.mode!r}")
-
-
-def check_steps(s: Settings, schedulers: tuple[Any, Any]) -> None:
-    """Every stage must run at least one denoising step; raises ``ValueError`` naming the params."""
-    strength = resolve_strength(s.strength, inpainting=False)
-    img2img_steps = {"img2img": s.num_inference_steps, "sequential": s.num_inference_steps_refiner}.get(s.mode)
-    if img2img_steps is not None and int(img2img_steps * strength) < 1:
-        steps_name = "num_inference_steps" if s.mode == "img2img" else "num_inference_steps_refiner"
-        raise ValueError(
-            f"'strength' {strength} × '{steps_name}' {img2img_steps} leaves no denoising step; raise either"
-        )
-    planned = stage_steps(s, schedulers)
-    empty = next((stage for stage, steps in planned.items() if steps == 0), None)
-    steps, train_steps = s.num_inference_steps, schedulers[0].config.num_train_timesteps
-    cutoff = f"the refiner takes over at timestep {schedulers_.handoff_timestep(train_steps, s.handoff)}"
-    if empty == "base" and s.inpaint:
-        share = f", after the refiner's share ('refiner_ratio' {s.refiner_ratio}: {cutoff})," * (s.mode == "ensemble")
-        strength = resolve_strength(s.strength, inpainting=True)
-        message = f"'strength' {strength} × 'num_inference_steps' {steps}{share} leaves the base no inpainting step"
-        raise ValueError(f"{message}; raise either")
-    if empty:
-        raise ValueError(
-            f"'refiner_ratio' {s.refiner_ratio} with 'num_inference_steps' {steps} leaves the {empty} no denoising "
-            f"step: {cutoff}, which splits the '{s.scheduler}' schedule ('timestep_spacing' {s.timestep_spacing}) "
-            f"into {planned['base']} base and {planned['refiner']} refiner steps; raise num_inference_steps or move "
-            "refiner_ratio towards 0.5"
-        )
+def _check_input_size(image: Image.Image) -> tuple[int, int]:
+    if min(image.size) < MIN_SIDE:
+        raise ValueError(f"'image' is {image.size[0]}×{image.size[1]}; at least {MIN_SIDE}×{MIN_SIDE} is needed")
+    return image.size
 
 
 def _image_given(value: Any) -> bool:
     """Absent, null and blank values mean a text-to-image row."""
-    return _present(value) and not (isinstance(value, str) and not value.strip())
+    return not is_missing(value) and not (isinstance(value, str) and not value.strip())
 
 
 def _image(value: Any, limits: ModelConfig, field: str = "image") -> Image.Image | None:
@@ -309,7 +183,7 @@ def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.I
 
 
 def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
-    if not _present(value):
+    if is_missing(value):
         if required:
             raise ValueError(f"'{field}' is required")
         return ""
@@ -335,7 +209,7 @@ def parse_row(
     """Validate one input row against the request params; raises :class:`RowError`."""
     try:
         prompt = _prompt(row.get("prompt"), "prompt", limits, required=True)
-        overrides = {k: _python(row[k]) for k in ROW_FIELDS if k in row and _present(row[k])}
+        overrides = {k: _python(row[k]) for k in ROW_FIELDS if k in row and not is_missing(row[k])}
         if ("height" in overrides or "width" in overrides) and "aspect_ratio" not in overrides:
             overrides["aspect_ratio"] = ""  # the row's own size beats the request's aspect ratio
         try:
@@ -348,10 +222,9 @@ def parse_row(
         seed = _given_seed(index, row, request)  # the seed column was validated with params
         if seed is None:
             seed = _random_seed()
-        settings = _settings(params, limits, image, mask)
+        settings = _row_settings(params, limits, image, mask)
         check_steps(settings, (catalog or Catalog()).schedulers)
         text = resolve_row(params, prompt, negative_prompt, catalog)
-        settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
     except ValueError as e:
         prompt = row.get("prompt")
         try:  # a failed row is returned with the seed it was given
@@ -359,8 +232,29 @@ def parse_row(
         except ValueError:  # pydantic's ValidationError included
             seed = None
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None, seed) from None
+    settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
+    resolved = dict(  # the reproduction request records the values the row was generated with
+        seed=seed,
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps_refiner=settings.num_inference_steps_refiner,
+        guidance_scale_refiner=settings.guidance_scale_refiner,
+        watermark=text.watermark,
+        lora=format_selection(text.param_lora),  # the prompt's <lora:...> tags stay in the prompt
+        prompt_weighting="auto" if text.prompt_chunks else "off",
+    )
     return RowSpec(
-        index, prompt, negative_prompt, seed, image, settings, params.style, text.prompt, text.negative_prompt, mask
+        index,
+        prompt,
+        negative_prompt,
+        seed,
+        image,
+        settings,
+        params.style,
+        text.prompt,
+        text.negative_prompt,
+        mask,
+        params.model_copy(update=resolved),
     )
 
 
@@ -424,15 +318,15 @@ def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelCo
     ``refiner``; image: img2img; image and mask: inpainting); rows with their own steps or strength are rows'."""
     own = pd.Series(False, index=frame.index)
     for field in (f for f in STEP_FIELDS if f in frame.columns):
-        own |= frame[field].map(_present).astype(bool)
+        own |= ~frame[field].map(is_missing).astype(bool)
     given = {c: frame[c].map(_image_given).astype(bool) if c in frame.columns else own & False for c in IMAGE_COLUMNS}
-    settings = _settings(request, limits, None)
     modes = set()
     for image, mask in zip(given["image"][~own], given["mask"][~own], strict=True):
-        modes.add((settings.mode, True) if image and mask else ("img2img", False) if image else (settings.mode, False))
+        mode = Mode(request.refiner) if mask or not image else Mode.IMG2IMG
+        modes.add((mode, bool(image and mask)))
     try:
         for mode, inpaint in sorted(modes):
-            check_steps(replace(settings, mode=mode, inpaint=inpaint), (catalog or Catalog()).schedulers)
+            check_steps(_settings(request, mode, inpaint, *_size(request)), (catalog or Catalog()).schedulers)
     except ValueError as e:
         raise MlflowException.invalid_parameter_value(f"Invalid param {e}") from None
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, replace
 from typing import Any
 
 from diffusers import (
@@ -96,49 +95,3 @@ def make_scheduler(packaged: SchedulerMixin, name: str, timestep_spacing: str) -
 def sdxl_scheduler() -> SchedulerMixin:
     """SDXL 1.0's packaged scheduler: what step plans assume when no artifact's scheduler is at hand."""
     return EulerDiscreteScheduler(**SDXL_SCHEDULER)
-
-
-# -- how many steps a pipeline call runs: diffusers cuts on timestep values, not step numbers ----------
-# Counts are loop iterations (model evaluations): second-order schedulers (Heun, KDPM2) run ~2 per step.
-
-
-@dataclass(frozen=True)
-class Schedule:
-    timesteps: tuple[float, ...]
-    order: int
-    num_train_timesteps: int
-
-
-@functools.lru_cache(maxsize=1024)  # a pure function of its arguments; KDPM2's set_timesteps takes ~0.1 s
-def schedule(packaged: SchedulerMixin, name: str, timestep_spacing: str, steps: int) -> Schedule:
-    """The schedule a pipeline call with ``steps`` runs on (``set_timesteps``, as ``retrieve_timesteps`` does)."""
-    scheduler = make_scheduler(packaged, name, timestep_spacing)
-    try:
-        scheduler.set_timesteps(steps, device="cpu")
-    except Exception as e:  # diffusers refuses some counts (PNDM: fewer than 4 steps)
-        raise ValueError(f"'scheduler' {name} cannot make a schedule of {steps} steps ({e})") from None
-    return Schedule(tuple(float(t) for t in scheduler.timesteps), scheduler.order, scheduler.config.num_train_timesteps)
-
-
-def handoff_timestep(num_train_timesteps: int, fraction: float) -> int:
-    """The timestep at which ``denoising_end`` / ``denoising_start`` = ``fraction`` cuts a schedule."""
-    return round(num_train_timesteps - fraction * num_train_timesteps)  # diffusers: int(round(...))
-
-
-def steps_until(s: Schedule, denoising_end: float) -> int:
-    """Steps of a pipeline with ``denoising_end``: the timesteps at or above the cut."""
-    return sum(t >= handoff_timestep(s.num_train_timesteps, denoising_end) for t in s.timesteps)
-
-
-def steps_from(s: Schedule, denoising_start: float) -> int:
-    """Steps of an img2img / inpainting pipeline with ``denoising_start`` (``get_timesteps``)."""
-    steps = sum(t < handoff_timestep(s.num_train_timesteps, denoising_start) for t in s.timesteps)
-    if s.order == 2 and steps % 2 == 0:  # diffusers ends a second-order step on its second evaluation
-        steps += 1
-    return min(steps, len(s.timesteps))
-
-
-def with_strength(s: Schedule, steps: int, strength: float) -> Schedule:
-    """What img2img / inpainting runs with ``strength``: all but the first ``steps - int(steps × strength)``."""
-    start = max(steps - min(int(steps * strength), steps), 0)
-    return replace(s, timesteps=s.timesteps[start * s.order :])

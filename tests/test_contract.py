@@ -53,6 +53,7 @@ DERIVED_SETTINGS = {
     "mode": "refiner, or img2img for image rows",
     "prompt_chunks": "prompt_weighting",
     "inpaint": "rows with a mask",
+    "refiner_strength": "strength, for the sequential refiner's pass",
 }
 # Params that are not Settings fields: kept per row or only decide how the request is handled.
 NOT_SETTINGS = {
@@ -64,6 +65,11 @@ NOT_SETTINGS = {
     "lora_scale": "the weights in Settings.lora",
     "prompt_weighting": "Settings.prompt_chunks",
     "on_error": "how failures are reported",
+    "safety_filter": "request-wide: read from the request's params",
+    "output_format": "RowSpec.params (the encoder reads them)",
+    "output_quality": "RowSpec.params",
+    "output_encoding": "RowSpec.params",
+    "png_metadata": "RowSpec.params",
 }
 
 
@@ -71,7 +77,7 @@ def test_settings_follow_the_params():
     """A new param must become a Settings field (part of the batching key) or be listed above."""
     from dataclasses import fields
 
-    from model_pkg.request import Settings
+    from model_pkg.spec import Settings
 
     params, settings = set(GenerationParams.model_fields), {f.name for f in fields(Settings)}
     assert params - settings == set(NOT_SETTINGS)
@@ -82,7 +88,7 @@ def test_reproduction_request_records_every_param(model):
     """The PNG metadata's request carries every param except the ones it says it leaves out."""
     from helpers import FAST, frame
 
-    from model_pkg.images import NOT_REPRODUCED
+    from model_pkg.contract import NOT_REPRODUCED
     from sdxl_tools.client import read_metadata
 
     out = model.predict(frame({"prompt": "a cat"}), params=FAST | {"seed": 3})

@@ -16,7 +16,8 @@ from helpers import FAST, decode, frame, pixels, png_b64, raw_pipelines
 
 from model_pkg.config import ModelConfig
 from model_pkg.contract import OUTPUT_COLUMNS
-from model_pkg.generation import generate_batch, plan_batches
+from model_pkg.generation import generate_batch
+from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
 from sdxl_tools.artifact import log_artifact, stage_components
 from sdxl_tools.client import azure_request_to_frame, loads_lenient, to_azure_response

@@ -20,7 +20,8 @@ from mlflow.types import Schema
 from PIL import Image
 
 from model_pkg import masks
-from model_pkg.generation import generate_batch, plan_batches
+from model_pkg.generation import generate_batch
+from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
 from sdxl_tools.artifact import signature
 from sdxl_tools.batch import run

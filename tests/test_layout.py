@@ -22,15 +22,18 @@ RUNTIME_MODULES = {
     "images.py",
     "lora.py",
     "masks.py",
+    "metadata.py",
     "model.py",
     "pipelines.py",
+    "plan.py",
     "prompts.py",
     "request.py",
     "safety.py",
     "schedulers.py",
     "spark_nulls.py",
+    "spec.py",
 }
-MAX_RUNTIME_LINES = 2500  # ~2,400 asked when the runtime was split; inpainting and CPU dtype added since
+MAX_RUNTIME_LINES = 2500
 
 
 def imported_modules(source: str) -> set[str]:

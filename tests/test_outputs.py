@@ -11,7 +11,7 @@ from helpers import FAST, decode, frame
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from model_pkg.images import METADATA_KEY
+from model_pkg.contract import METADATA_KEY
 from sdxl_tools.client import read_metadata
 
 

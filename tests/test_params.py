@@ -184,7 +184,7 @@ def test_enum_params_accept_any_case_everywhere():
         "scheduler": "K_EULER",
     }
     [row] = parse({"prompt": "a"}, **mixed)
-    assert (row.settings.mode, row.settings.timestep_spacing, row.settings.output_encoding) == (
+    assert (row.settings.mode, row.settings.timestep_spacing, row.params.output_encoding) == (
         "none",
         "leading",
         "data_uri",

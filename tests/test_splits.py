@@ -2,7 +2,7 @@
 
 diffusers hands an ensemble over on timestep values (``denoising_end`` / ``denoising_start``), which
 depend on the scheduler and ``timestep_spacing``; second-order schedulers run two model evaluations
-per step. The plan (:func:`model_pkg.request.stage_steps`) must equal the loop iterations diffusers
+per step. The plan (:func:`model_pkg.plan.stage_steps`) must equal the loop iterations diffusers
 runs, counted with ``callback_on_step_end``, and a plan that leaves a stage no step is a request error.
 """
 
@@ -17,10 +17,13 @@ from mlflow.exceptions import MlflowException
 from test_inpaint import mask_b64
 
 from model_pkg.config import ModelConfig
+from model_pkg.contract import Mode
 from model_pkg.generation import generate_batch
 from model_pkg.masks import binary_mask
-from model_pkg.request import RowSpec, Settings, parse_request, stage_steps
+from model_pkg.plan import stage_steps
+from model_pkg.request import parse_request
 from model_pkg.schedulers import DEFAULT, SCHEDULERS, sdxl_scheduler
+from model_pkg.spec import RowSpec, Settings
 
 SPACINGS = ("default", "linspace", "leading", "trailing")
 SDXL = (sdxl_scheduler(), sdxl_scheduler())  # the tiny artifact packages SDXL 1.0's scheduler
@@ -31,7 +34,7 @@ def settings(
     mode: str, steps: int, ratio: float = 0.2, name: str = DEFAULT, spacing: str = "default", **kw
 ) -> Settings:
     return Settings(
-        mode=mode,
+        mode=Mode(mode),
         height=64,
         width=64,
         num_inference_steps=steps,
@@ -39,11 +42,10 @@ def settings(
         refiner_ratio=ratio,
         num_inference_steps_refiner=kw.pop("steps_refiner", steps),
         guidance_scale_refiner=0.0,
-        strength=kw.pop("strength", 0.3),
+        strength=(strength := kw.pop("strength", 0.3)),
+        refiner_strength=strength,
         scheduler=name,
         timestep_spacing=spacing,
-        output_format="png",
-        safety_filter=False,
         inpaint=kw.pop("inpaint", False),
     )
 
@@ -114,7 +116,7 @@ def test_sequential_and_img2img_steps_are_what_diffusers_runs(pipes, name):
 
 # Inpainting: the base inpaints with its own strength (default 1.0), then hands over as in its mode.
 INPAINTED = [
-    settings("none", 4, strength=-1, inpaint=True),
+    settings("none", 4, strength=1.0, inpaint=True),
     settings("ensemble", 10, 0.2, strength=0.3, inpaint=True),
     settings("ensemble", 10, 0.2, strength=0.1, inpaint=True),  # the base would run no step
     settings("ensemble", 5, 0.3, "K_DPM_2", "trailing", strength=0.6, inpaint=True),
@@ -128,7 +130,7 @@ def test_inpainting_steps_are_what_diffusers_runs(pipes, s):
 
 
 def test_inpainting_splits():
-    assert stage_steps(INPAINTED[0], SDXL) == {"base": 4}  # strength -1: a full repaint
+    assert stage_steps(INPAINTED[0], SDXL) == {"base": 4}  # strength 1 (inpainting's default): a full repaint
     assert stage_steps(INPAINTED[1], SDXL) == {"base": 1, "refiner": 2}  # the last 3 of 10, cut at 200
     assert stage_steps(INPAINTED[2], SDXL) == {"base": 0, "refiner": 2}
 
