@@ -25,15 +25,9 @@ from pathlib import Path
 import yaml
 from mlflow.exceptions import MlflowException
 
-from sdxl_tools.artifact import (
-    TEMPLATE,
-    VARIANTS,
-    BuildError,
-    Staged,
-    log_artifact,
-    save_artifact,
-    stage_components,
-)
+from sdxl_tools import TEMPLATE
+from sdxl_tools.artifact import log_artifact, save_artifact
+from sdxl_tools.staging import VARIANTS, BuildError, Staged, stage_components
 
 
 def _config(pairs: list[str]) -> dict:
@@ -49,7 +43,7 @@ def _config(pairs: list[str]) -> dict:
 
 def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, Path]:
     """``--lora NAME=PATH`` pairs, plus ``--tiny-lora NAME`` random adapters for the tiny base."""
-    from sdxl_tools.artifact import LoraError, parse_build_arg
+    from sdxl_tools.staging import LoraError, parse_build_arg
 
     try:
         loras = dict(parse_build_arg(pair) for pair in args.lora)
@@ -176,7 +170,7 @@ def cmd_copy(args: argparse.Namespace) -> None:
 
 
 def cmd_template(args: argparse.Namespace) -> None:
-    from sdxl_tools.artifact import signature
+    from sdxl_tools.signature import signature
 
     path = TEMPLATE / "signature.json"
     path.write_text(json.dumps(signature().to_dict(), indent=2) + "\n")

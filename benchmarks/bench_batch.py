@@ -36,8 +36,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from sdxl_tools import batch  # noqa: E402
-from sdxl_tools.artifact import save_artifact, stage_components  # noqa: E402
+from sdxl_tools.artifact import save_artifact  # noqa: E402
 from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
+from sdxl_tools.staging import stage_components  # noqa: E402
 
 
 def rate(rows: int, seconds: float) -> str:

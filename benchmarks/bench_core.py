@@ -134,8 +134,9 @@ def run(repeats: int = 7, size: int = 128, steps: int = 20) -> list[Ratio]:
     import mlflow
     import pandas as pd
 
-    from sdxl_tools.artifact import save_artifact, stage_components
+    from sdxl_tools.artifact import save_artifact
     from sdxl_tools.random_weights import write_tiny_sdxl
+    from sdxl_tools.staging import stage_components
 
     results: list[Ratio] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,7 +83,8 @@ def main() -> None:
 
     from model_pkg.config import ModelConfig
     from model_pkg.pipelines import choose_device_dtype
-    from sdxl_tools.artifact import save_artifact, stage_components
+    from sdxl_tools.artifact import save_artifact
+    from sdxl_tools.staging import stage_components
 
     cuda = torch.cuda.is_available()
     device, dtype = choose_device_dtype(ModelConfig())  # what the model picks with the default config

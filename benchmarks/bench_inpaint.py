@@ -39,8 +39,9 @@ def run(repeats: int = 7, size: int = 128, steps: int = 20) -> list[Ratio]:
     from PIL import Image
 
     from model_pkg.images import encode_image
-    from sdxl_tools.artifact import save_artifact, stage_components
+    from sdxl_tools.artifact import save_artifact
     from sdxl_tools.random_weights import write_tiny_sdxl
+    from sdxl_tools.staging import stage_components
 
     image = Image.new("RGB", (size, size), (30, 90, 160))
     image.paste((200, 40, 40), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))

@@ -46,8 +46,9 @@ from platforms import MLSERVER, server_env, venv  # noqa: E402
 from processes import free_port, running  # noqa: E402
 from scoring_server import ScoringServer  # noqa: E402
 
-from sdxl_tools.artifact import save_artifact, stage_components  # noqa: E402
+from sdxl_tools.artifact import save_artifact  # noqa: E402
 from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
+from sdxl_tools.staging import stage_components  # noqa: E402
 
 CLIENTS = (1, 4, 8)
 SEED = 100

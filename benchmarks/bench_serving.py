@@ -32,8 +32,9 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from scoring_server import ScoringServer  # noqa: E402
 
-from sdxl_tools.artifact import save_artifact, stage_components  # noqa: E402
+from sdxl_tools.artifact import save_artifact  # noqa: E402
 from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
+from sdxl_tools.staging import stage_components  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -5,6 +5,8 @@
 wrong: ``None`` in a ``string`` field becomes a text (``"None"``, or ``"nan"`` with pandas 3), in a
 ``boolean`` field ``False``, and a missing ``long`` fails the whole Arrow batch. That is exactly
 the shape of ``on_error="null"`` output (null image, null seed, null error for good rows).
+No supported route avoids it in MLflow 3.17.2: nested struct, array and map fields keep nulls but
+change the output's shape, and pandas' nullable dtypes come out as ``"<NA>"`` or fail the cast.
 
 :func:`preserve_struct_nulls` (called by the model's ``load_context``) wraps that converter where it
 runs: inside a Spark task, i.e. the Python worker of ``spark_udf(..., env_manager="local")``, which

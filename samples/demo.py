@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sdxl_tools.artifact import stage_components  # noqa: E402
 from sdxl_tools.client import (  # noqa: E402
     azure_request_to_frame,
     b64_to_image,
@@ -32,6 +31,7 @@ from sdxl_tools.client import (  # noqa: E402
 )
 from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
 from sdxl_tools.registry import register, use_experiment  # noqa: E402
+from sdxl_tools.staging import stage_components  # noqa: E402
 
 MODEL_NAME = "sdxl-tiny"
 OUTPUT = ROOT / "demo_output"

@@ -1,9 +1,9 @@
 """Client-side helpers: the Azure ML request/response shape, and reading the images the model returns.
 
 Azure ML's MLflow deployments accept ``{"input_data": {"columns", "data", "index"}, "params"}``
-(the SDXL refiner model card's shape) and build the DataFrame themselves; ``mlflow models serve``
-refuses ``input_data`` (HTTP 400), so clients of the plain MLflow server convert with
-:func:`to_mlflow_request` and read the answer back with :func:`to_azure_response`.
+(the SDXL refiner model card's shape; the runtime's :func:`~model_pkg.azure_request.azure_request_to_frame`
+reads it); ``mlflow models serve`` refuses ``input_data`` (HTTP 400), so clients of the plain MLflow
+server convert with :func:`to_mlflow_request` and read the answer back with :func:`to_azure_response`.
 """
 
 from __future__ import annotations
@@ -15,42 +15,17 @@ import re
 from typing import Any
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from model_pkg.azure_request import azure_request_to_frame
+from model_pkg.contract import OUTPUT_COLUMNS
 from model_pkg.images import METADATA_KEY
+from model_pkg.request import _present
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
-AZURE_OUTPUT_KEYS = ("prompt", "generated_image", "nsfw_content_detected")
-# A comma before a closing bracket, outside strings: the model card's sample has them.
-_TRAILING_COMMA = re.compile(r'("(?:\\.|[^"\\])*")|,(\s*[}\]])')
-
-
-def loads_lenient(text: str) -> Any:
-    """``json.loads`` that also takes trailing commas, as the model card's sample is written."""
-    return json.loads(_TRAILING_COMMA.sub(lambda m: m.group(1) or m.group(2), text))
-
-
-def azure_request_to_frame(body: dict[str, Any] | str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The model input and params of an Azure request; ``data`` rows may be lists or objects."""
-    if isinstance(body, str):
-        body = loads_lenient(body)
-    if not isinstance(body, dict) or not isinstance(body.get("input_data"), dict):
-        raise MlflowException.invalid_parameter_value(
-            'An Azure request is {"input_data": {"columns": [...], "data": [...]}} (optionally "params")'
-        )
-    data = body["input_data"]
-    rows = data.get("data")
-    if not isinstance(rows, list):
-        raise MlflowException.invalid_parameter_value("'input_data.data' must be a list of rows")
-    columns = data.get("columns")
-    if columns is None and rows and isinstance(rows[0], dict):
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-    frame = pd.DataFrame(rows, columns=columns)
-    if "index" in data:
-        frame.index = data["index"]
-    return frame, dict(body.get("params") or body.get("parameters") or {})
+# The model card's response keys: the output columns less the seed.
+AZURE_OUTPUT_KEYS = tuple(column for column in OUTPUT_COLUMNS if column != "seed")
 
 
 def to_mlflow_request(body: dict[str, Any] | str) -> dict[str, Any]:
@@ -70,7 +45,7 @@ def to_azure_response(output: pd.DataFrame | list[dict[str, Any]]) -> list[dict[
 
 
 def _plain(value: Any) -> Any:
-    return None if value is None or (isinstance(value, float) and value != value) else value
+    return value if _present(value) else None
 
 
 # -- images the model returns --------------------------------------------------------------------

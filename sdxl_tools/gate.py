@@ -1,20 +1,22 @@
 """The validation gate a model version passes before it takes a registry alias.
 
-The candidate is downloaded from the registry and loaded like a server would load it. It must
-score its own input example (the MLmodel's, with its small params), return the output columns and
-types its signature declares, give the same bytes twice for a fixed seed, and keep the signature
-of the version that holds the target alias now: no removed input columns or params, no newly
-required input, no changed types, no removed output columns.
+The candidate is downloaded from the registry and loaded like a server would load it: in a child
+process (``python -m sdxl_tools.gate``), which imports only the code the candidate carries (MLflow
+``code_paths``, never this process's ``model_pkg``), reports its checks as JSON, and takes the
+candidate's memory with it when it ends. It must score its own input example (the MLmodel's, with
+its small params), return the output columns and types its signature declares, give the same bytes
+twice for a fixed seed, and keep the signature of the version that holds the target alias now: no
+removed input columns or params, no newly required input, no changed types, no removed output columns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
+import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,17 +137,13 @@ _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
 def _wrong_type(values: Iterable[Any], type_name: str) -> Any:
     expected = _PYTHON_TYPES.get(type_name)
     if expected is None:  # any, datetime, arrays, objects: not checked value by value
         return None
     for value in values:
         bad_bool = isinstance(value, bool | np.bool_) and type_name not in ("boolean",)
-        if not _is_null(value) and (bad_bool or not isinstance(value, expected)):
+        if not pd.isna(value) and (bad_bool or not isinstance(value, expected)):
             return value
     return None
 
@@ -165,7 +163,7 @@ def output_problems(frame: Any, schema: Schema | None, rows: int) -> list[str]:
                 problems.append(f"declared output column {name!r} missing")
             continue
         values = frame[name].tolist()
-        if spec.required and any(_is_null(v) for v in values):
+        if spec.required and any(pd.isna(v) for v in values):  # scalar types only in this schema
             problems.append(f"required output column {name!r} has nulls")
         bad = _wrong_type(values, _type(spec))
         if bad is not None:
@@ -181,33 +179,10 @@ def _differences(first: pd.DataFrame, second: pd.DataFrame) -> list[int]:
 
 
 # -- the gate -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def _own_code(local: str, meta: Model) -> Iterator[None]:
-    """Let the candidate import the modules it carries (MLflow ``code_paths``), as a server would.
-
-    MLflow only prepends the artifact's code folder to ``sys.path``; modules this process already
-    imported (this project's ``model_pkg``) would shadow the candidate's own copies. Hide them while
-    the candidate loads and predicts, then put this process's modules and ``sys.path`` back.
-    """
-    code = meta.flavors.get("python_function", {}).get("code")
-    folder = Path(local) / code if code else None
-    names = {p.stem if p.suffix == ".py" else p.name for p in folder.iterdir()} if folder and folder.is_dir() else set()
-
-    def carried() -> list[str]:
-        return [m for m in sys.modules if m.split(".")[0] in names]
-
-    saved_path, saved = sys.path[:], {m: sys.modules[m] for m in carried()}
-    for module in saved:
-        del sys.modules[module]
-    try:
-        yield
-    finally:
-        for module in carried():
-            del sys.modules[module]
-        sys.modules.update(saved)
-        sys.path[:] = saved_path
+# The checks run in two processes: this one downloads the candidate and compares signatures with the
+# registry; a child loads and scores the candidate. The child must not import this project's runtime
+# before the candidate's (a module already imported shadows the copy in the artifact's code/), so
+# this module imports nothing of ``model_pkg`` and judges outputs with pandas alone.
 
 
 def validate(name: str, version: str, alias: str, holder: str | None = None) -> GateReport:
@@ -221,25 +196,41 @@ def validate(name: str, version: str, alias: str, holder: str | None = None) -> 
         except Exception as e:  # any load failure is a verdict, not a crash
             report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
             return report
-        with _own_code(local, meta):
-            _check_candidate(report, local, meta)
+        loads, *scoring = _score_in_child(local, tmp)
+        report.checks.append(dataclasses.replace(loads, detail=loads.detail or f"models:/{name}/{version}"))
+        if loads.ok:
+            _check_signature(report, meta.signature, name, report.holder, report.version)
+            report.checks += scoring
     return report
 
 
-def _check_candidate(report: GateReport, local: str, meta: Model) -> None:
-    name, version, holder = report.name, report.version, report.holder
+def _score_in_child(local: str, tmp: Path) -> list[Check]:
+    """The candidate's checks from a child process: "loads", then the scoring checks it reached."""
+    out = tmp / "checks.json"
+    command = [sys.executable, "-m", "sdxl_tools.gate", str(local), str(out)]
+    # cwd: not the repository, whose model_pkg would come first on the child's sys.path
+    done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not out.is_file():
+        tail = (done.stderr or done.stdout)[-2000:].strip()
+        return [Check("loads from the registry", False, f"the scoring process exited with {done.returncode}: {tail}")]
+    return [Check(**check) for check in json.loads(out.read_text())]
+
+
+def check_candidate(local: str) -> list[Check]:
+    """What the child runs: load the candidate as a server would, score its example twice."""
+    report = GateReport("", "", "", None)
     try:
+        meta = Model.load(local)
         example = meta.load_input_example(local)
         params = dict(meta.load_input_example_params(local) or {})
         model = mlflow.pyfunc.load_model(local)
     except Exception as e:
         report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
-        return
-    report.add("loads from the registry", [], f"models:/{name}/{version}")
-    _check_signature(report, meta.signature, name, holder, version)
+        return report.checks
+    report.add("loads from the registry", [])
     if example is None:
         report.add("scores its input example", ["the model has no input example"])
-        return
+        return report.checks
     example = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
     params.setdefault("seed", DEFAULT_SEED)
     try:
@@ -248,11 +239,12 @@ def _check_candidate(report: GateReport, local: str, meta: Model) -> None:
         took = time.perf_counter() - start
     except Exception as e:
         report.add("scores its input example", [f"{type(e).__name__}: {e}"])
-        return
+        return report.checks
     report.add("scores its input example", [], f"{len(example)} rows, params {params}, {took:.1f} s")
     outputs = meta.signature.outputs if meta.signature is not None else None
     report.add("output matches the declared schema", output_problems(first, outputs, len(example)))
     _check_determinism(report, model, example, params, first, meta.signature)
+    return report.checks
 
 
 def _check_signature(
@@ -295,3 +287,8 @@ def _check_determinism(
     declared = signature is not None and "seed" in _params(signature.params)
     hint = "" if declared else " (the signature declares no 'seed' param)"
     report.add(check, [f"two runs differ in rows {rows}{hint}"])
+
+
+if __name__ == "__main__":  # the child of validate(): python -m sdxl_tools.gate LOCAL_MODEL OUT_JSON
+    checks = check_candidate(sys.argv[1])
+    Path(sys.argv[2]).write_text(json.dumps([dataclasses.asdict(c) for c in checks]))

@@ -19,8 +19,6 @@ artifact built from them takes the path real weights take; nothing is downloaded
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from transformers import (
 )
 
 from model_pkg.schedulers import SDXL_SCHEDULER
+from sdxl_tools.files import link_or_copy
 
 TEXT_HIDDEN = 32
 TIME_EMBED_DIM = 8
@@ -238,20 +237,12 @@ def save_sdxl_pipelines(
     for name in ("text_encoder_2", "tokenizer_2", "vae"):
         for file in sorted((out / "base" / name).rglob("*")):
             if file.is_file():
-                _link(file, out / "refiner" / name / file.relative_to(out / "base" / name))
+                link_or_copy(file, out / "refiner" / name / file.relative_to(out / "base" / name))
 
     checker_dir = None
     if safety_checker is not None:
         checker_dir = write_tiny_safety_checker(out / "safety_checker", safety_checker)
     return TinySDXL(base=out / "base", refiner=out / "refiner", safety_checker=checker_dir)
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # a filesystem without hard links
-        shutil.copy2(src, dst)
 
 
 def write_tiny_lora(out_dir: str | Path, base_dir: str | Path, seed: int = 1, rank: int = 4) -> Path:

@@ -37,8 +37,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 
-from sdxl_tools.artifact import ROOT, Staged, log_artifact
+from sdxl_tools import ROOT
+from sdxl_tools.artifact import log_artifact
 from sdxl_tools.gate import GateReport, describe_params, describe_schema, validate
+from sdxl_tools.staging import Staged
 
 DEFAULT_EXPERIMENT = "sdxl"
 ALIASES = ("staging", "production")

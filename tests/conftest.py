@@ -16,8 +16,9 @@ import mlflow
 import platforms
 import pytest
 
-from sdxl_tools.artifact import save_artifact, stage_components
+from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import TinySDXL, write_tiny_sdxl
+from sdxl_tools.staging import stage_components
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

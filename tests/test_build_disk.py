@@ -14,7 +14,8 @@ from helpers import FAST, frame
 from mlflow.models import Model
 
 import build
-from sdxl_tools.artifact import save_artifact, stage_components
+from sdxl_tools.artifact import save_artifact
+from sdxl_tools.staging import stage_components
 
 
 def weights(folder) -> dict[str, tuple[int, int]]:

@@ -8,7 +8,9 @@ from helpers import decode
 from mlflow.models import Model
 
 from model_pkg.contract import OUTPUT_COLUMNS, ROW_FIELDS, GenerationParams
-from sdxl_tools.artifact import TEMPLATE, input_example, signature
+from sdxl_tools import TEMPLATE
+from sdxl_tools.artifact import input_example
+from sdxl_tools.signature import signature
 from sdxl_tools.spark import SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS
 
 

@@ -19,8 +19,9 @@ from model_pkg.contract import OUTPUT_COLUMNS
 from model_pkg.generation import generate_batch
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
-from sdxl_tools.artifact import log_artifact, stage_components
-from sdxl_tools.client import azure_request_to_frame, loads_lenient, to_azure_response
+from sdxl_tools.artifact import log_artifact
+from sdxl_tools.client import azure_request_to_frame, to_azure_response
+from sdxl_tools.staging import stage_components
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SEED_001_BODY = """{
@@ -29,7 +30,7 @@ SEED_001_BODY = """{
 "data": [
 {
 "prompt": "Face of a yellow cat, high resolution, sitting on a park bench",
-"image": "IMAGE1",
+"image": "IMAGE1"
 },
 {
 "prompt": "Face of a green cat, high resolution, sitting on a park bench",
@@ -205,7 +206,7 @@ def test_seed_001_body_converts_scores_and_answers_in_azure_shape(model):
     assert [decode(r["generated_image"]).size for r in response] == [(128, 128), (128, 128)]  # the inputs' size
 
 
-def test_seed_001_body_as_written_with_trailing_commas_and_object_rows():
+def test_seed_001_body_with_object_rows():
     image1, image2 = png_b64((250, 200, 0)), png_b64((0, 200, 0))
     df, params = azure_request_to_frame(SEED_001_BODY.replace("IMAGE1", image1).replace("IMAGE2", image2))
     assert df.to_dict("records") == [
@@ -213,7 +214,8 @@ def test_seed_001_body_as_written_with_trailing_commas_and_object_rows():
         {"prompt": "Face of a green cat, high resolution, sitting on a park bench", "image": image2},
     ]
     assert params == {}
-    assert loads_lenient('{"a": ["x, ]", 1,], "b": "}",}') == {"a": ["x, ]", 1], "b": "}"}
+    with pytest.raises(ValueError):  # JSON, not JSON with trailing commas: the samples are written as JSON
+        azure_request_to_frame(SEED_001_BODY.replace('"IMAGE2"\n', '"IMAGE2",\n'))
 
 
 def test_on_error_null_keeps_every_row_and_names_the_bad_ones(model):

@@ -23,10 +23,12 @@ def test_azure_environment_is_the_server_then_the_artifacts_requirements():
     assert pip == [server, *requirements()]
 
 
-def test_azure_deployment_points_at_the_scoring_script_from_the_repository_root():
+def test_azure_deployment_uploads_only_its_own_folder():
+    """The code folder is ``deploy/azureml`` (the scoring script needs only itself and the model), not the
+    repository, which an Azure deploy from a working copy would upload whole with any artifact built in it."""
     deployment = yaml.safe_load((DEPLOY / "azureml" / "deployment.yml").read_text())
     code = (DEPLOY / "azureml" / deployment["code_configuration"]["code"]).resolve()
-    assert code == ROOT
+    assert code == (DEPLOY / "azureml").resolve()
     assert (code / deployment["code_configuration"]["scoring_script"]).is_file()
     assert (DEPLOY / "azureml" / deployment["environment"]["conda_file"]).is_file()
 

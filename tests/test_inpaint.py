@@ -23,10 +23,10 @@ from model_pkg import masks
 from model_pkg.generation import generate_batch
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
-from sdxl_tools.artifact import signature
 from sdxl_tools.batch import run
 from sdxl_tools.client import azure_request_to_frame, read_metadata, to_mlflow_request
 from sdxl_tools.gate import breaking_changes
+from sdxl_tools.signature import signature
 
 BOX = (24, 16, 56, 48)  # the repainted rectangle: left, top, right, bottom (8-aligned)
 

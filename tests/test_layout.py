@@ -15,6 +15,7 @@ RUNTIME = Path(model_pkg.__file__).parent
 FORBIDDEN = ("sdxl_tools", "pyspark", "argparse", "mlflow.tracking", "mlflow.client", "mlflow.MlflowClient")
 RUNTIME_MODULES = {
     "__init__.py",
+    "azure_request.py",
     "catalog.py",
     "config.py",
     "contract.py",

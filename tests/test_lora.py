@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from model_pkg.generation import generate_batch
 from model_pkg.lora import parse_selection
 from model_pkg.request import parse_request
-from sdxl_tools.artifact import BuildError, save_artifact, stage_components
+from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import write_tiny_lora
+from sdxl_tools.staging import BuildError, stage_components
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = FAST | {"num_inference_steps": 5}  # ensemble: 4 base steps + 1 refiner step; enough to see an adapter

@@ -11,7 +11,7 @@ from helpers import FAST, decode, frame
 from safetensors.torch import load_file, save_file
 
 import build
-from sdxl_tools.artifact import BuildError, stage_components
+from sdxl_tools.staging import BuildError, stage_components
 
 
 def test_pickled_weights_are_refused(tiny, tmp_path):

@@ -18,8 +18,9 @@ from model_pkg.config import ModelConfig
 from model_pkg.generation import generate_batch
 from model_pkg.pipelines import Pipelines, load_pipelines
 from model_pkg.request import parse_request
-from sdxl_tools.artifact import save_artifact, stage_components
+from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import base_unet, refiner_unet, text_encoder, text_encoder_2, vae
+from sdxl_tools.staging import stage_components
 
 ROWS = frame({"prompt": "a cat with a hat", "seed": 1}, {"prompt": "a dog on a bench", "seed": 2})
 

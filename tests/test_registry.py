@@ -35,11 +35,12 @@ import build
 from model_pkg import contract
 from model_pkg.contract import OUTPUT_COLUMNS
 from sdxl_tools import registry
-from sdxl_tools.artifact import Staged, signature, stage_components
 from sdxl_tools.gate import breaking_changes
 from sdxl_tools.random_weights import write_tiny_sdxl
 from sdxl_tools.registry import PromotionRefused, holder, promote, rollback
 from sdxl_tools.scratch import scratch_dir
+from sdxl_tools.signature import signature
+from sdxl_tools.staging import Staged, stage_components
 
 NAME = "sdxl-dev"
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
 import build
-from sdxl_tools.artifact import BuildError, save_artifact, stage_components
+from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import tiny_safety_checker, write_tiny_safety_checker
+from sdxl_tools.staging import BuildError, stage_components
 
 ROWS = frame(
     {"prompt": "a cat with a hat", "seed": 1},

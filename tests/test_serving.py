@@ -26,8 +26,9 @@ from PIL import Image
 from scoring_server import ScoringServer
 
 from model_pkg.contract import OUTPUT_COLUMNS
-from sdxl_tools.artifact import log_artifact, stage_components
+from sdxl_tools.artifact import log_artifact
 from sdxl_tools.client import AZURE_OUTPUT_KEYS
+from sdxl_tools.staging import stage_components
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME, ALIAS = "sdxl-serving", "champion"

@@ -14,7 +14,7 @@ from mlflow.models import Model
 from model_pkg.catalog import load_styles
 from model_pkg.config import ModelConfig
 from model_pkg.request import parse_request
-from sdxl_tools.artifact import TEMPLATE
+from sdxl_tools import TEMPLATE
 
 PRESETS = [
     "photographic", "cinematic", "anime", "digital-art", "comic-book", "fantasy-art", "line-art", "analog-film",

@@ -5,16 +5,16 @@ Takes Azure ML's request body as it is, ``{"input_data": {"columns", "data", "in
 with ``data`` rows as lists or as objects, and returns the model's rows as a JSON list:
 ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed`` (and ``error`` with
 ``on_error=null``). Bad input is an HTTP 400 whose ``message`` names the row and the field (Azure's
-generic MLflow script answers every failure with a 500). Deployed by ``deployment.yml`` beside it,
-whose code folder is the repository root: the script imports ``sdxl_tools`` from there, found from
-its own location (``azmlinfsrv`` puts only its app root, by default its working directory, on the path).
+generic MLflow script answers every failure with a 500). The script needs only itself and the model:
+the request conversion is the artifact's own code (``model_pkg.azure_request``), importable once
+``load_model`` has put the artifact's ``code/`` folder on ``sys.path``. ``deployment.yml`` beside it
+uploads this folder alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,6 @@ import mlflow
 from azureml.contrib.services.aml_response import AMLResponse
 from mlflow.exceptions import MlflowException
 
-REPOSITORY = Path(__file__).resolve().parents[2]  # deploy/azureml/score.py → the repository root
-sys.path.append(str(REPOSITORY))  # last: the artifact's own model_pkg (put first by load_model) wins
 CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
 _model: mlflow.pyfunc.PyFuncModel | None = None
 
@@ -46,9 +44,7 @@ def init() -> None:
 
 def run(raw_data: str) -> list[dict[str, Any]] | AMLResponse:
     """``raw_data``: the request body (an undecorated ``run`` gets it as text)."""
-    # Imported here, after load_model put the artifact's code/ first on sys.path: the client imports
-    # model_pkg, which must be the artifact's own copy, not the one in this code folder.
-    from sdxl_tools.client import azure_request_to_frame
+    from model_pkg.azure_request import azure_request_to_frame  # the artifact's code, on sys.path since init()
 
     try:
         frame, params = azure_request_to_frame(raw_data)
