@@ -18,9 +18,8 @@ import pandas as pd
 from PIL import Image
 
 from model_pkg.azure_request import azure_request_to_frame
-from model_pkg.contract import OUTPUT_COLUMNS
+from model_pkg.contract import OUTPUT_COLUMNS, is_missing
 from model_pkg.images import METADATA_KEY
-from model_pkg.request import _present
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
@@ -45,7 +44,7 @@ def to_azure_response(output: pd.DataFrame | list[dict[str, Any]]) -> list[dict[
 
 
 def _plain(value: Any) -> Any:
-    return value if _present(value) else None
+    return None if is_missing(value) else value
 
 
 # -- images the model returns --------------------------------------------------------------------
