@@ -34,7 +34,7 @@ SEED_001_BODY = """{
 },
 {
 "prompt": "Face of a green cat, high resolution, sitting on a park bench",
-"image": "IMAGE2",
+"image": "IMAGE2"
 }
 ],
 "index": [0, 1]
