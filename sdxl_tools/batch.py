@@ -46,6 +46,7 @@ import pandas as pd
 
 from model_pkg.contract import parse_params
 from sdxl_tools.client import output_bytes
+from sdxl_tools.files import fsync_dir, write_atomic
 
 MANIFEST = "manifest.jsonl"
 JOB_FILE = "job.json"
@@ -148,7 +149,7 @@ class Manifest:
             entries[entry["row"]] = entry
         kept = "".join(json.dumps(e) + "\n" for e in entries.values())
         if kept != text:
-            _write_atomic(self.path, kept.encode("utf-8"))
+            write_atomic(self.path, kept.encode("utf-8"))
         return entries
 
     def _parse(self, line: str, rows: int) -> dict[str, Any] | None:
@@ -173,24 +174,6 @@ class Manifest:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name, flush to disk, rename: readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _input_fingerprint(path: Path) -> str:
@@ -324,7 +307,7 @@ def _check_job(
     if previous is None:
         if write:
             record = {"input": str(input_path.resolve()), **job, "model": dataclasses.asdict(model)}
-            _write_atomic(output / JOB_FILE, json.dumps(record, indent=2).encode())
+            write_atomic(output / JOB_FILE, json.dumps(record, indent=2).encode())
         return
     if {k: previous.get(k) for k in job} != job:
         raise BatchError(
@@ -407,9 +390,9 @@ def _run(
                 file = None
                 if isinstance(out["generated_image"], str):
                     file = f"{IMAGES}/{row:06d}.{fmt}"
-                    _write_atomic(output / file, output_bytes(out["generated_image"]))
+                    write_atomic(output / file, output_bytes(out["generated_image"]))
                 entries.append(_entry(row, out, file))
-            _fsync_dir(manifest.images)  # the renames are durable before their lines exist
+            fsync_dir(manifest.images)  # the renames are durable before their lines exist
             manifest.append(entries)
             done.update((e["row"], e) for e in entries)
             bar.update(len(entries))
