@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 
@@ -110,15 +109,15 @@ def raw_call(base, refiner, mode: str, prompts: list[str], seeds: list[int], siz
 def peak_rss_mb(tiny, artifact: Path, shared: bool) -> float:
     """Peak RSS of a fresh process that loads the pipelines (shared: from the artifact)."""
     code = (
-        "import resource, sys, warnings; warnings.filterwarnings('ignore'); sys.path.insert(0, sys.argv[1]);"
+        "import resource, sys, warnings; warnings.filterwarnings('ignore');"
         "from pathlib import Path; from types import SimpleNamespace as N;"
         "from model_pkg.config import ModelConfig; from model_pkg.pipelines import load_pipelines;"
         "from benchmarks.bench_core import raw_pipelines;"
-        "load_pipelines(Path(sys.argv[3]), ModelConfig()) if sys.argv[2] == 'shared' else "
-        "raw_pipelines(N(base=Path(sys.argv[4]), refiner=Path(sys.argv[5])), share=False);"
+        "load_pipelines(Path(sys.argv[2]), ModelConfig()) if sys.argv[1] == 'shared' else "
+        "raw_pipelines(N(base=Path(sys.argv[3]), refiner=Path(sys.argv[4])), share=False);"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
-    args = [str(ROOT), "shared" if shared else "separate", str(artifact / "artifacts" / "sdxl")]
+    args = ["shared" if shared else "separate", str(artifact / "artifacts" / "sdxl")]
     out = subprocess.run(
         [sys.executable, "-c", code, *args, str(tiny.base), str(tiny.refiner)],
         capture_output=True,

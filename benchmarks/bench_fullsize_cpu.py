@@ -43,7 +43,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 BEGIN, END = "<!-- BEGIN bench_fullsize_cpu -->", "<!-- END bench_fullsize_cpu -->"

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from benchmarks.bench_core import Ratio, interleaved  # noqa: E402

@@ -8,7 +8,7 @@ artifact's own model-settings.json: no batching); and MLServer with adaptive bat
 (seed included), it measures p50 / p99 latency, req/s and errors, and counts the ``predict`` calls the
 requests became: a merged call gives its rows seeds ``s, s+1, ...`` (the request-seed rule), a request
 alone gets ``s``, so the calls are the rows answered with seed ``s``. The MLServer venv is the one the
-tests build (tests/platforms.py), cached.
+tests build (testkit/platforms.py), cached.
 
 Every server gets the same torch thread count (``--threads``, default 1): MLServer calls ``predict`` on
 its event-loop (main) thread, where torch uses one OpenMP thread per core, while ``mlflow models serve``
@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -37,18 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the launchers and the platform venvs the tests use
 warnings.filterwarnings("ignore")
 
 import requests  # noqa: E402
-from platforms import MLSERVER, server_env, venv  # noqa: E402
-from processes import free_port, running  # noqa: E402
-from scoring_server import ScoringServer  # noqa: E402
 
 from sdxl_tools.artifact import save_artifact  # noqa: E402
 from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
 from sdxl_tools.staging import stage_components  # noqa: E402
+from testkit.platforms import MLSERVER, server_env, venv  # noqa: E402
+from testkit.processes import free_port, running  # noqa: E402
+from testkit.scoring_server import ScoringServer  # noqa: E402
 
 CLIENTS = (1, 4, 8)
 SEED = 100

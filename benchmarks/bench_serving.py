@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -24,17 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the ScoringServer launcher the serving tests use
 warnings.filterwarnings("ignore")
 
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
-from scoring_server import ScoringServer  # noqa: E402
 
 from sdxl_tools.artifact import save_artifact  # noqa: E402
 from sdxl_tools.random_weights import write_tiny_sdxl  # noqa: E402
 from sdxl_tools.staging import stage_components  # noqa: E402
+from testkit.scoring_server import ScoringServer  # noqa: E402
 
 
 def timed(fn) -> float:

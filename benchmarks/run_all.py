@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_core import Ratio, fullsize_sharing_ratio  # noqa: E402
 from benchmarks.bench_core import run as run_core  # noqa: E402

@@ -13,12 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
-import platforms
 import pytest
 
 from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import TinySDXL, write_tiny_sdxl
 from sdxl_tools.staging import stage_components
+from testkit import platforms
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -6,8 +6,9 @@ import base64
 import re
 
 import pytest
-from helpers import FAST, frame, png_b64
 from mlflow.exceptions import MlflowException
+
+from testkit.helpers import FAST, frame, png_b64
 
 PNG = base64.b64decode(png_b64(color=(10, 40, 40), size=(64, 64)))
 STANDARD = base64.b64encode(PNG).decode()

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import png_b64
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from model_pkg.catalog import model_hash
 from sdxl_tools.artifact import save_artifact
-from sdxl_tools.batch import JOB_FILE, MANIFEST, BatchError, main, read_prompts, run
+from sdxl_tools.batch import main, read_prompts, run
+from sdxl_tools.job_folder import JOB_FILE, MANIFEST, BatchError
 from sdxl_tools.random_weights import write_tiny_sdxl
 from sdxl_tools.staging import stage_components
+from testkit.helpers import png_b64
 
 ROOT = Path(__file__).resolve().parent.parent
 # Cheap enough for 100 rows: base only, 2 steps, 64×64.

@@ -13,12 +13,13 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import decode, png_b64
 from PIL import Image
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from sdxl_tools.client import b64_to_image
 from sdxl_tools.spark import input_struct, result_type
+from testkit.helpers import png_b64
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spark's Python workers run with OMP_NUM_THREADS=1; pin torch to one thread on both sides so the
@@ -113,7 +114,7 @@ def test_spark_udf_struct_equals_pandas_predict_byte_for_byte(spark, artifact, o
     assert scored["seed"].tolist() == expected["seed"].tolist() == list(range(11, 19))
     assert scored["nsfw_content_detected"].isna().all()  # no safety checker packaged
     assert scored["generated_image"].tolist() == expected["generated_image"].tolist()  # byte for byte
-    sizes = [decode(b).size for b in scored["generated_image"]]
+    sizes = [b64_to_image(b).size for b in scored["generated_image"]]
     assert sizes == [(64, 64), (64, 64), (64, 96), (96, 64), (64, 64), (64, 64), (96, 64), (100, 72)]
     assert scored["generated_image"].nunique() == 8
 
@@ -162,4 +163,4 @@ def test_sample_scores_100_rows_with_5_bad_into_a_table_and_files(spark, artifac
     assert table["nsfw"].isna().all()
     files = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert files == [f"{r:06d}.png" for r in good["row"]]  # one file per good row
-    assert decode(good["image"].iloc[0]).size == (64, 64)
+    assert b64_to_image(good["image"].iloc[0]).size == (64, 64)

@@ -10,12 +10,12 @@ import mlflow
 import numpy as np
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-from helpers import FAST, frame
 from mlflow.models import Model
 
 import build
 from sdxl_tools.artifact import save_artifact
 from sdxl_tools.staging import stage_components
+from testkit.helpers import FAST, frame
 
 
 def weights(folder) -> dict[str, tuple[int, int]]:

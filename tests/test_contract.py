@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from helpers import decode
 from mlflow.models import Model
 
 from model_pkg.contract import OUTPUT_COLUMNS, ROW_FIELDS, GenerationParams
 from sdxl_tools import TEMPLATE
 from sdxl_tools.artifact import input_example
+from sdxl_tools.client import b64_to_image
 from sdxl_tools.signature import signature
 from sdxl_tools.spark import SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS
 
@@ -45,7 +45,7 @@ def test_artifact_mlmodel_has_signature_example_and_card(artifact, model):
 
     df, params = input_example()
     out = model.predict(df, params=params)  # the artifact scores its own example
-    assert [decode(b).size for b in out["generated_image"]] == [(64, 64), (64, 64)]
+    assert [b64_to_image(b).size for b in out["generated_image"]] == [(64, 64), (64, 64)]
 
 
 # -- the params are declared once (GenerationParams); everything else must follow -----------------
@@ -88,10 +88,9 @@ def test_settings_follow_the_params():
 
 def test_reproduction_request_records_every_param(model):
     """The PNG metadata's request carries every param except the ones it says it leaves out."""
-    from helpers import FAST, frame
-
     from model_pkg.contract import NOT_REPRODUCED
     from sdxl_tools.client import read_metadata
+    from testkit.helpers import FAST, frame
 
     out = model.predict(frame({"prompt": "a cat"}), params=FAST | {"seed": 3})
     recorded = set(read_metadata(out["generated_image"][0])["request"]["params"])

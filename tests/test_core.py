@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-from helpers import FAST, decode, frame, pixels, png_b64, raw_pipelines
 
 from model_pkg.config import ModelConfig
 from model_pkg.contract import OUTPUT_COLUMNS
@@ -20,8 +19,9 @@ from model_pkg.generation import generate_batch
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
 from sdxl_tools.artifact import log_artifact
-from sdxl_tools.client import azure_request_to_frame, to_azure_response
+from sdxl_tools.client import azure_request_to_frame, b64_to_image, to_azure_response
 from sdxl_tools.staging import stage_components
+from testkit.helpers import FAST, frame, pixels, png_b64, raw_pipelines
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SEED_001_BODY = """{
@@ -62,8 +62,8 @@ def test_log_load_predict_three_rows(tiny, tmp_path, sqlite_tracking):
     assert out["prompt"].tolist() == ["a cat with a hat", "a dog on a bench", "a green cat"]
     assert out["seed"].tolist() == [1, 2, 3]
     assert out["nsfw_content_detected"].isna().all()  # no safety checker packaged
-    assert [decode(b).size for b in out["generated_image"]] == [(64, 64), (64, 64), (96, 64)]
-    assert all(decode(b).format == "PNG" for b in out["generated_image"])
+    assert [b64_to_image(b).size for b in out["generated_image"]] == [(64, 64), (64, 64), (96, 64)]
+    assert all(b64_to_image(b).format == "PNG" for b in out["generated_image"])
 
     again = model.predict(three_rows(), params=FAST)
     assert again["generated_image"].tolist() == out["generated_image"].tolist()  # same seeds → same bytes
@@ -115,7 +115,7 @@ def test_pyfunc_equals_raw_diffusers(model, raw, mode):
     params = FAST | ({"refiner": mode} if mode != "img2img" else {})
 
     ours = pixels(model.predict(frame(row), params=params)["generated_image"][0])
-    theirs = raw_image(raw, mode, row["prompt"], 5, decode(image_b64).convert("RGB") if image_b64 else None)
+    theirs = raw_image(raw, mode, row["prompt"], 5, b64_to_image(image_b64).convert("RGB") if image_b64 else None)
 
     np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.int16))
 
@@ -161,7 +161,7 @@ def test_rows_sharing_a_configuration_run_as_one_call_equal_to_single_calls(mode
     for i in range(len(rows)):
         single = model.predict(rows.iloc[[i]], params=FAST | {"refiner": "none"})
         assert np.abs(pixels(single["generated_image"][0]) - pixels(batched["generated_image"][i])).max() <= 1
-    assert [decode(b).size for b in batched["generated_image"]] == [(64, 64), (64, 64), (64, 96), (64, 64)]
+    assert [b64_to_image(b).size for b in batched["generated_image"]] == [(64, 64), (64, 64), (64, 96), (64, 64)]
 
 
 def test_negative_prompt_presence_splits_batches():
@@ -203,7 +203,7 @@ def test_seed_001_body_converts_scores_and_answers_in_azure_shape(model):
     assert [list(r) for r in response] == [["prompt", "generated_image", "nsfw_content_detected"]] * 2
     assert [r["prompt"] for r in response] == df["prompt"].tolist()
     assert all(r["nsfw_content_detected"] is None for r in response)
-    assert [decode(r["generated_image"]).size for r in response] == [(128, 128), (128, 128)]  # the inputs' size
+    assert [b64_to_image(r["generated_image"]).size for r in response] == [(128, 128), (128, 128)]  # the inputs' size
 
 
 def test_seed_001_body_with_object_rows():

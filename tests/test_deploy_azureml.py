@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import decode, png_b64
 from packaging.requirements import Requirement
-from platforms import AZUREML, ROOT, server_env, unmet_requirements
-from processes import free_port, running
 
 from sdxl_tools.artifact import requirements
+from sdxl_tools.client import b64_to_image
+from testkit.helpers import png_b64
+from testkit.platforms import AZUREML, ROOT, server_env, unmet_requirements
+from testkit.processes import free_port, running
 
 pytestmark = pytest.mark.platform(AZUREML.name)
 TESTS = Path(__file__).resolve().parent
@@ -109,7 +110,7 @@ def check_rows(rows: list[dict], body: dict) -> None:
     for row in rows:
         assert set(row) == {"prompt", "generated_image", "nsfw_content_detected", "seed"}
         assert row["nsfw_content_detected"] is None  # no safety checker packaged
-        assert decode(row["generated_image"]).size == (64, 64)  # params applied
+        assert b64_to_image(row["generated_image"]).size == (64, 64)  # params applied
 
 
 def test_the_platform_installs_the_artifacts_requirements_over_its_own(venv, artifact):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 from packaging.requirements import Requirement
-from platforms import DEPLOY, ROOT
 
 from sdxl_tools.artifact import requirements
+from testkit.platforms import DEPLOY, ROOT
 
 
 def pins(path: Path) -> list[str]:

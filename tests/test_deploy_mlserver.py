@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import FAST, decode, png_b64
-from platforms import MLSERVER, server_env, unmet_requirements
-from processes import free_port, running
 
 from sdxl_tools.artifact import requirements
+from sdxl_tools.client import b64_to_image
+from testkit.helpers import FAST, png_b64
+from testkit.platforms import MLSERVER, server_env, unmet_requirements
+from testkit.processes import free_port, running
 
 pytestmark = pytest.mark.platform(MLSERVER.name)
 
@@ -72,7 +73,10 @@ def test_v2_rest_returns_every_output_column_with_nulls_and_applies_request_para
     assert out["prompt"]["data"] == ["a cat", "a dog"]
     assert out["nsfw_content_detected"] == {**out["nsfw_content_detected"], "datatype": "BOOL", "data": [None, None]}
     assert out["seed"]["datatype"] == "INT64" and out["seed"]["data"] == [7, 8]
-    assert [decode(image).size for image in out["generated_image"]["data"]] == [(64, 64), (64, 64)]  # height/width
+    assert [b64_to_image(image).size for image in out["generated_image"]["data"]] == [
+        (64, 64),
+        (64, 64),
+    ]  # height/width
 
 
 def test_a_request_from_mlservers_own_client_codec(server):
@@ -81,7 +85,7 @@ def test_a_request_from_mlservers_own_client_codec(server):
     body = {"parameters": {"content_type": "pd", **FAST, "seed": 3}, "inputs": [{**prompt, "data": ["a", "b"]}]}
     out = outputs(server.infer(body))
     assert out["seed"]["data"] == [3, 4]
-    assert [decode(image).size for image in out["generated_image"]["data"]] == [(64, 64), (64, 64)]
+    assert [b64_to_image(image).size for image in out["generated_image"]["data"]] == [(64, 64), (64, 64)]
 
 
 def test_same_seed_same_bytes(server):
@@ -103,7 +107,7 @@ def test_per_row_inputs_and_on_error_null(server):
     assert out["generated_image"]["data"][2] is None
     assert out["error"]["data"][:2] == [None, None]
     assert "'image': not valid base64: invalid character '!'" in out["error"]["data"][2]
-    assert decode(out["generated_image"]["data"][1]).size == (96, 64)  # img2img at the input image's size
+    assert b64_to_image(out["generated_image"]["data"][1]).size == (96, 64)  # img2img at the input image's size
 
 
 def test_bad_input_is_a_400_naming_the_row_and_field_and_the_server_keeps_serving(server):

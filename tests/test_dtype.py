@@ -8,11 +8,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, decode, frame, pixels, png_b64
 
 from model_pkg.config import ModelConfig, load_model_config
 from model_pkg.pipelines import choose_device_dtype, native_bf16, resolve_dtype, weights_variant
-from sdxl_tools.client import read_metadata
+from sdxl_tools.client import b64_to_image, read_metadata
+from testkit.helpers import FAST, frame, pixels, png_b64
 
 CPU = torch.device("cpu")
 # torch.cpu.get_capabilities() of three machines (the keys that matter)
@@ -152,4 +152,4 @@ def test_bfloat16_serves_every_mode_through_predict(artifact, monkeypatch):
     for row, params in ROWS:
         image = model.predict(frame(row), params=FAST | params)["generated_image"][0]
         assert pixels(image).std() > 1
-        assert decode(image).size[0] in (64, 128)
+        assert b64_to_image(image).size[0] in (64, 128)

@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import FAST, decode, frame, pixels
 from mlflow.exceptions import MlflowException
 from PIL import Image
+
+from sdxl_tools.client import b64_to_image
+from testkit.helpers import FAST, frame, pixels
 
 CHEAP = {"num_inference_steps": 2, "height": 64, "width": 64, "refiner": "none"}
 
@@ -234,7 +236,7 @@ def test_hostile_input_gets_its_documented_error_and_the_model_keeps_serving(mod
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"  # HTTP 400 in serving, never a 500
 
     ok = model.predict(frame({"prompt": "a cat", "seed": 1}), params=CHEAP)
-    assert decode(ok["generated_image"][0]).size == (64, 64)
+    assert b64_to_image(ok["generated_image"][0]).size == (64, 64)
 
 
 def test_an_image_url_is_refused_and_never_fetched(model, image_server):

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
-from helpers import FAST, decode, frame, pixels, png_b64, raw_pipelines
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema
@@ -24,9 +23,10 @@ from model_pkg.generation import generate_batch
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
 from sdxl_tools.batch import run
-from sdxl_tools.client import azure_request_to_frame, read_metadata, to_mlflow_request
+from sdxl_tools.client import azure_request_to_frame, b64_to_image, read_metadata, to_mlflow_request
 from sdxl_tools.gate import breaking_changes
 from sdxl_tools.signature import signature
+from testkit.helpers import FAST, frame, pixels, png_b64, raw_pipelines
 
 BOX = (24, 16, 56, 48)  # the repainted rectangle: left, top, right, bottom (8-aligned)
 
@@ -44,7 +44,7 @@ def mask_b64(size: tuple[int, int], box: tuple[int, int, int, int] = BOX, value:
 
 
 def input_pixels(image: str) -> np.ndarray:
-    return np.asarray(decode(image).convert("RGB"), dtype=np.int16)
+    return np.asarray(b64_to_image(image).convert("RGB"), dtype=np.int16)
 
 
 def inpaint_row(size=(64, 64), seed: int = 5) -> dict:
@@ -68,7 +68,7 @@ def test_far_from_the_mask_the_output_is_the_input_exactly(model, refiner, size,
     row = inpaint_row(size)
     out = model.predict(frame(row), params=FAST | {"refiner": refiner, "mask_blur": mask_blur})
 
-    image, before = decode(out["generated_image"][0]), input_pixels(row["image"])
+    image, before = b64_to_image(out["generated_image"][0]), input_pixels(row["image"])
     assert image.size == size  # not floored, not resized: 100×75 stays 100×75
     after = np.asarray(image.convert("RGB"), dtype=np.int16)
     far = far_from(BOX, size, margin=3 * mask_blur)  # a Gaussian of radius r reaches ~2.5 r
@@ -133,7 +133,7 @@ def test_pyfunc_equals_raw_diffusers_inpainting_before_paste_back(model, raw_inp
         model.predict(frame(row), params=FAST | {"refiner": refiner, "mask_blur": mask_blur})["generated_image"][0]
     )
 
-    image, mask = decode(row["image"]).convert("RGB"), decode(row["mask"]).convert("L")
+    image, mask = b64_to_image(row["image"]).convert("RGB"), b64_to_image(row["mask"]).convert("L")
     inputs = masks.prepare(image, mask, mask_blur)
     if size == (64, 64):
         assert inputs.image.tobytes() == image.tobytes() and inputs.mask.tobytes() == mask.tobytes()
@@ -223,9 +223,9 @@ def test_png_metadata_records_the_mode_and_the_request_reproduces_the_image(mode
     assert meta["mode"] == "inpainting"
     assert meta["request"]["dataframe_records"] == [{"prompt": row["prompt"], "image": None, "mask": None}]
     assert meta["request"]["params"]["refiner"] == "sequential" and meta["request"]["params"]["mask_blur"] == 2
-    binary = masks.binary_mask(decode(row["mask"]))
+    binary = masks.binary_mask(b64_to_image(row["mask"]))
     assert meta["model"]["input_mask_sha256"] == hashlib.sha256(binary.tobytes()).hexdigest()
-    text = decode(out["generated_image"][0]).text["parameters"]
+    text = b64_to_image(out["generated_image"][0]).text["parameters"]
     assert "Size: 100x75" in text and "Mask blur: 2" in text and "Refiner: sequential" in text
 
     records = [{"prompt": row["prompt"], "image": row["image"], "mask": row["mask"]}]

@@ -7,12 +7,12 @@ import io
 
 import numpy as np
 import pytest
-from helpers import FAST, frame
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from model_pkg.config import ModelConfig, load_model_config
 from model_pkg.request import RowError, parse_request
+from testkit.helpers import FAST, frame
 
 
 def noisy(fmt: str = "PNG", size=(64, 64)) -> str:

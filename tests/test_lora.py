@@ -12,7 +12,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, frame, pixels
 from mlflow.exceptions import MlflowException
 from safetensors.torch import save_file
 
@@ -22,6 +21,7 @@ from model_pkg.request import parse_request
 from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import write_tiny_lora
 from sdxl_tools.staging import BuildError, stage_components
+from testkit.helpers import FAST, frame, pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = FAST | {"num_inference_steps": 5}  # ensemble: 4 base steps + 1 refiner step; enough to see an adapter
@@ -192,8 +192,9 @@ def test_adapters_switch_per_request_under_torch_compile(lora_artifact, lora_mod
 
 
 def test_an_adapter_reaches_the_inpainting_pipelines_over_the_same_modules(lora_model, model):
-    from helpers import png_b64
     from test_inpaint import BOX, mask_b64
+
+    from testkit.helpers import png_b64
 
     row = frame({"prompt": "a cat with a hat", "image": png_b64(size=(64, 64)), "mask": mask_b64((64, 64)), "seed": 5})
     left, top, right, bottom = BOX

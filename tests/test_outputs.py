@@ -7,12 +7,12 @@ import io
 
 import pandas as pd
 import pytest
-from helpers import FAST, decode, frame
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from model_pkg.contract import METADATA_KEY
-from sdxl_tools.client import read_metadata
+from sdxl_tools.client import b64_to_image, read_metadata
+from testkit.helpers import FAST, frame
 
 
 def test_jpeg_and_webp_honour_output_quality(model):
@@ -22,7 +22,7 @@ def test_jpeg_and_webp_honour_output_quality(model):
             out = model.predict(
                 frame({"prompt": "a cat", "seed": 1}), params=FAST | {"output_format": fmt, "output_quality": quality}
             )
-            image = decode(out["generated_image"][0])
+            image = b64_to_image(out["generated_image"][0])
             assert image.format == fmt.upper() and image.size == (64, 64)
             sizes[fmt, quality] = len(base64.b64decode(out["generated_image"][0]))
     assert sizes["jpeg", 20] < sizes["jpeg", 95] and sizes["webp", 20] < sizes["webp", 95]
@@ -67,7 +67,7 @@ def test_png_metadata_round_trips_to_the_request_that_reproduces_the_image(model
     replay = model.predict(pd.DataFrame(request["dataframe_records"]), params=request["params"])
     assert replay["generated_image"][0] == out["generated_image"][1]  # byte-identical, metadata included
 
-    text = decode(out["generated_image"][1]).text
+    text = b64_to_image(out["generated_image"][1]).text
     assert text["parameters"].splitlines()[0] == "a dog on a bench"  # the user's prompt, not the styled one
     assert "Seed: 42" in text["parameters"] and "Sampler: K_EULER_ANCESTRAL" in text["parameters"]
 
@@ -76,12 +76,12 @@ def test_png_metadata_can_be_turned_off_and_pixels_do_not_depend_on_it(model):
     row = frame({"prompt": "a cat", "seed": 2})
     with_meta = model.predict(row, params=FAST)["generated_image"][0]
     without = model.predict(row, params=FAST | {"png_metadata": False})["generated_image"][0]
-    assert METADATA_KEY not in decode(without).text and read_metadata(without) is None
-    assert decode(with_meta).tobytes() == decode(without).tobytes()
+    assert METADATA_KEY not in b64_to_image(without).text and read_metadata(without) is None
+    assert b64_to_image(with_meta).tobytes() == b64_to_image(without).tobytes()
 
 
 def test_image_rows_record_the_input_image_hash_not_the_image(model):
-    from helpers import png_b64
+    from testkit.helpers import png_b64
 
     image = png_b64(size=(64, 64))
     out = model.predict(frame({"prompt": "a cat", "image": image, "seed": 1}), params=FAST)

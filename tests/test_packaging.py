@@ -7,11 +7,12 @@ import shutil
 
 import mlflow
 import pytest
-from helpers import FAST, decode, frame
 from safetensors.torch import load_file, save_file
 
 import build
+from sdxl_tools.client import b64_to_image
 from sdxl_tools.staging import BuildError, stage_components
+from testkit.helpers import FAST, frame
 
 
 def test_pickled_weights_are_refused(tiny, tmp_path):
@@ -49,7 +50,7 @@ def test_a_refiner_component_that_differs_is_stored_and_loaded_separately(tiny, 
     assert pipes.refiner.vae is not pipes.base.vae
     assert pipes.refiner.text_encoder_2 is pipes.base.text_encoder_2
     out = model.predict(frame({"prompt": "a cat", "seed": 1}), params=FAST)
-    assert decode(out["generated_image"][0]).size == (64, 64)
+    assert b64_to_image(out["generated_image"][0]).size == (64, 64)
 
 
 def build_model(staged, tmp_path):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from helpers import FAST, frame, png_b64
 from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig, load_model_config
 from model_pkg.contract import ASPECT_RATIOS, GenerationParams, resolve_strength
 from model_pkg.request import RowError, parse_request
 from model_pkg.schedulers import SCHEDULERS, canonical_scheduler, scheduler_names
+from testkit.helpers import FAST, frame, png_b64
 
 LIMITS = ModelConfig()
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from accelerate.hooks import CpuOffload
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from helpers import FAST, frame
 
 from model_pkg.config import ModelConfig
 from model_pkg.generation import generate_batch
@@ -21,6 +20,7 @@ from model_pkg.request import parse_request
 from sdxl_tools.artifact import save_artifact
 from sdxl_tools.random_weights import base_unet, refiner_unet, text_encoder, text_encoder_2, vae
 from sdxl_tools.staging import stage_components
+from testkit.helpers import FAST, frame
 
 ROWS = frame({"prompt": "a cat with a hat", "seed": 1}, {"prompt": "a dog on a bench", "seed": 2})
 

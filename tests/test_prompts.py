@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import FAST, frame, pixels
 from mlflow.exceptions import MlflowException
 
 from model_pkg.config import ModelConfig
 from model_pkg.prompts import parse_weighted
 from model_pkg.request import parse_request
+from testkit.helpers import FAST, frame, pixels
 
 
 @pytest.mark.parametrize(

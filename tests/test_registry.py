@@ -24,23 +24,24 @@ import mlflow
 import numpy as np
 import pytest
 import requests
-from helpers import FAST, decode, frame, pixels
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from processes import VENV_BIN, child_env, free_port, running
 
 import build
 from model_pkg import contract
 from model_pkg.contract import OUTPUT_COLUMNS
 from sdxl_tools import registry
+from sdxl_tools.client import b64_to_image
 from sdxl_tools.gate import breaking_changes
 from sdxl_tools.random_weights import write_tiny_sdxl
 from sdxl_tools.registry import PromotionRefused, holder, promote, rollback
 from sdxl_tools.scratch import scratch_dir
 from sdxl_tools.signature import signature
 from sdxl_tools.staging import Staged, stage_components
+from testkit.helpers import FAST, frame, pixels
+from testkit.processes import VENV_BIN, child_env, free_port, running
 
 NAME = "sdxl-dev"
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +156,7 @@ def promotion_flow(client: MlflowClient, v: dict[str, str]) -> None:
 
     out = mlflow.pyfunc.load_model(f"models:/{NAME}@production").predict(frame(REQUEST), params=FAST)
     assert list(out.columns) == list(OUTPUT_COLUMNS)
-    assert decode(out["generated_image"][0]).size == (64, 64)
+    assert b64_to_image(out["generated_image"][0]).size == (64, 64)
     assert out["seed"].tolist() == [7]
 
 

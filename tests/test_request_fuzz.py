@@ -7,7 +7,6 @@ import base64
 import math
 
 import pandas as pd
-from helpers import png_b64
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
@@ -15,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from model_pkg.config import ModelConfig
 from model_pkg.contract import MAX_SEED, GenerationParams
 from model_pkg.request import RowError, RowSpec, parse_request
+from testkit.helpers import png_b64
 
 LIMITS = ModelConfig(max_rows=5)
 PARAMS = list(GenerationParams.model_fields)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from helpers import decode, frame, pixels, png_b64
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
 import build
 from sdxl_tools.artifact import save_artifact
+from sdxl_tools.client import b64_to_image
 from sdxl_tools.random_weights import tiny_safety_checker, write_tiny_safety_checker
 from sdxl_tools.staging import BuildError, stage_components
+from testkit.helpers import frame, pixels, png_b64
 
 ROWS = frame(
     {"prompt": "a cat with a hat", "seed": 1},
@@ -65,7 +66,7 @@ def test_without_a_checker_every_row_is_null_and_the_card_says_so(model, uncheck
 def test_flagged_images_become_black_images_of_the_same_size(flagging, caplog):
     out = flagging.predict(ROWS, params=PARAMS)  # batched: rows 0-1 share one pipeline call
     assert out["nsfw_content_detected"].tolist() == [True] * 4
-    assert [decode(b).size for b in out["generated_image"]] == SIZES
+    assert [b64_to_image(b).size for b in out["generated_image"]] == SIZES
     for b64 in out["generated_image"]:
         assert pixels(b64).max() == 0  # black
     assert out["seed"].tolist() == [1, 2, 3, 4]
@@ -102,7 +103,7 @@ def test_the_verdict_is_per_row_in_a_batched_call(model, unchecked, tiny, tmp_pa
     """A checker whose threshold lies between the scores of rows 0 and 1 (one pipeline call) flags one of them."""
     torch.manual_seed(0)
     checker = tiny_safety_checker("never")
-    images = [decode(b).convert("RGB") for b in unchecked["generated_image"]]
+    images = [b64_to_image(b).convert("RGB") for b in unchecked["generated_image"]]
     scores = concept_scores(checker, images)
     assert scores[0] != scores[1]
     threshold = float(scores[:2].mean())
@@ -120,7 +121,7 @@ def test_the_verdict_is_per_row_in_a_batched_call(model, unchecked, tiny, tmp_pa
     assert out["nsfw_content_detected"].tolist() == expected
     for flagged, ours, reference in zip(expected, out["generated_image"], unchecked["generated_image"], strict=True):
         if flagged:
-            assert pixels(ours).max() == 0 and decode(ours).size == decode(reference).size
+            assert pixels(ours).max() == 0 and b64_to_image(ours).size == b64_to_image(reference).size
         else:
             assert ours == reference
 

@@ -21,11 +21,11 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from helpers import FAST, frame
 
 from model_pkg import schedulers
 from model_pkg.generation import generate_batch
 from model_pkg.request import parse_request
+from testkit.helpers import FAST, frame
 
 DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}
 KARRAS = DPMPP_2M | {"use_karras_sigmas": True}

@@ -21,14 +21,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from helpers import FAST, decode, png_b64
 from PIL import Image
-from scoring_server import ScoringServer
 
 from model_pkg.contract import OUTPUT_COLUMNS
 from sdxl_tools.artifact import log_artifact
-from sdxl_tools.client import AZURE_OUTPUT_KEYS
+from sdxl_tools.client import AZURE_OUTPUT_KEYS, b64_to_image
 from sdxl_tools.staging import stage_components
+from testkit.helpers import FAST, png_b64
+from testkit.scoring_server import ScoringServer
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME, ALIAS = "sdxl-serving", "champion"
@@ -120,7 +120,7 @@ def test_served_images_equal_in_process_predict(server, served_model, body):
     assert [r["prompt"] for r in served] == ["a cat with a hat", "a green cat"]
     assert [r["nsfw_content_detected"] for r in served] == [None, None]
     assert [r["generated_image"] for r in served] == expected["generated_image"].tolist()  # byte-identical
-    assert [decode(r["generated_image"]).size for r in served] == [(64, 64), (64, 64)]
+    assert [b64_to_image(r["generated_image"]).size for r in served] == [(64, 64), (64, 64)]
 
 
 def test_served_inpainting_equals_in_process_predict(server, served_model):
@@ -139,7 +139,7 @@ def test_served_inpainting_equals_in_process_predict(server, served_model):
 
     expected = served_model.predict(pd.DataFrame(rows), params=FAST)
     assert [r["generated_image"] for r in served] == expected["generated_image"].tolist()  # byte-identical
-    assert [decode(r["generated_image"]).size for r in served] == [(96, 64), (64, 64)]
+    assert [b64_to_image(r["generated_image"]).size for r in served] == [(96, 64), (64, 64)]
 
 
 def test_azure_sample_round_trips_to_the_seed_001_shape(server, tmp_path):
@@ -162,7 +162,7 @@ def test_azure_sample_round_trips_to_the_seed_001_shape(server, tmp_path):
         assert tuple(row) == AZURE_OUTPUT_KEYS  # exactly the Azure model card keys, in its order
         assert row["prompt"] == sent["prompt"]
         assert row["nsfw_content_detected"] is None  # no safety checker packaged (as Azure's card)
-        assert decode(row["generated_image"]).size == decode(sent["image"]).size  # img2img keeps the size
+        assert b64_to_image(row["generated_image"]).size == b64_to_image(sent["image"]).size  # img2img keeps the size
     saved = sorted((tmp_path / "images").iterdir())
     assert len(saved) == 2 and all(p.suffix == ".png" and p.stat().st_size > 0 for p in saved)
 

@@ -12,7 +12,6 @@ import itertools
 from collections import Counter
 
 import pytest
-from helpers import FAST, decode, frame, png_b64
 from mlflow.exceptions import MlflowException
 from test_inpaint import mask_b64
 
@@ -24,6 +23,8 @@ from model_pkg.plan import stage_steps
 from model_pkg.request import parse_request
 from model_pkg.schedulers import DEFAULT, SCHEDULERS, sdxl_scheduler
 from model_pkg.spec import RowSpec, Settings
+from sdxl_tools.client import b64_to_image
+from testkit.helpers import FAST, frame, png_b64
 
 SPACINGS = ("default", "linspace", "leading", "trailing")
 SDXL = (sdxl_scheduler(), sdxl_scheduler())  # the tiny artifact packages SDXL 1.0's scheduler
@@ -52,8 +53,8 @@ def settings(
 
 def counted(pipes, s: Settings) -> dict[str, int]:
     """Run ``s`` through the real pipelines: diffusers' loop iterations per stage (0 for a stage that ran none)."""
-    image = decode(png_b64(size=(64, 64))).convert("RGB") if s.mode == "img2img" or s.inpaint else None
-    mask = binary_mask(decode(mask_b64((64, 64)))) if s.inpaint else None
+    image = b64_to_image(png_b64(size=(64, 64))).convert("RGB") if s.mode == "img2img" or s.inpaint else None
+    mask = binary_mask(b64_to_image(mask_b64((64, 64)))) if s.inpaint else None
     row = RowSpec(0, "a cat", "", 1, image, s, mask=mask)
     steps: Counter = Counter()
     generate_batch(pipes, [row], on_step=lambda stage, i, pipe: steps.update([stage]))

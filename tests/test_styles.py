@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, frame, pixels
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
@@ -15,6 +14,7 @@ from model_pkg.catalog import load_styles
 from model_pkg.config import ModelConfig
 from model_pkg.request import parse_request
 from sdxl_tools import TEMPLATE
+from testkit.helpers import FAST, frame, pixels
 
 PRESETS = [
     "photographic", "cinematic", "anime", "digital-art", "comic-book", "fantasy-art", "line-art", "analog-film",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from helpers import decode, frame, pixels
 
-from sdxl_tools.client import read_metadata
+from sdxl_tools.client import b64_to_image, read_metadata
+from testkit.helpers import frame, pixels
 
 BIG = {"num_inference_steps": 2, "height": 256, "width": 256, "refiner": "none", "seed": 4}  # diffusers: ≥ 256 px
 
@@ -52,4 +52,4 @@ def test_small_images_are_not_watermarked_as_in_diffusers(model):
     small = BIG | {"height": 64, "width": 64}
     marked = model.predict(frame({"prompt": "a cat"}), params=small)["generated_image"][0]
     plain = model.predict(frame({"prompt": "a cat"}), params=small | {"watermark": False})["generated_image"][0]
-    assert decode(marked).tobytes() == decode(plain).tobytes()
+    assert b64_to_image(marked).tobytes() == b64_to_image(plain).tobytes()

@@ -10,16 +10,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from sdxl_tools.client import b64_to_image
+
 # Small, fast settings every test can share: 64×64 at 10 steps takes ~0.1 s with the tiny models.
 FAST = {"num_inference_steps": 10, "height": 64, "width": 64}
 
 
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
 def pixels(b64: str) -> np.ndarray:
-    return np.asarray(decode(b64).convert("RGB"), dtype=np.int16)
+    return np.asarray(b64_to_image(b64).convert("RGB"), dtype=np.int16)
 
 
 def png_b64(color=(200, 40, 40), size=(96, 64)) -> str:

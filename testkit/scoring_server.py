@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +19,7 @@ from typing import Any
 import psutil
 import requests
 
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit.processes import VENV_BIN, free_port
 
 
 class ScoringServer:
