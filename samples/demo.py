@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,6 +75,8 @@ def main() -> None:
     azure = to_azure_response(result.iloc[:2])
     print(f"\nAzure response shape (SDXL model card): {list(azure[0])} × {len(azure)}")
     print(f"done in {time.perf_counter() - start:.1f} s; images in {OUTPUT.relative_to(ROOT)}/")
+    print(f"\n{MODEL_NAME} version {version} has no alias. Next: README.md, 'Your own served model in five minutes':")
+    print("  source .venv/bin/activate && sdxl-pyfunc build --tiny --output sdxl-model")
 
 
 if __name__ == "__main__":

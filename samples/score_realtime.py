@@ -24,8 +24,6 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from sdxl_tools.client import output_bytes, to_azure_response, to_mlflow_request
 
 EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"RIFF": "webp"}

@@ -98,9 +98,9 @@ def test_reproduction_request_records_every_param(model):
 
 
 def readme_params_table() -> dict[str, str]:
-    """``param -> default`` from the README's params table (one row may name several params)."""
-    text = (TEMPLATE.parent / "README.md").read_text()
-    section = text.split("### Params", 1)[1].split("\n\n", 2)[1]
+    """``param -> default`` from the params table of docs/contract.md (one row may name several params)."""
+    text = (TEMPLATE.parent / "docs" / "contract.md").read_text()
+    section = text.split("## Params", 1)[1].split("\n\n", 2)[1]
     table: dict[str, str] = {}
     for line in section.splitlines()[2:]:
         names, default = (cell.strip() for cell in line.strip("|").split("|")[:2])

@@ -72,7 +72,7 @@ def serve(
     port = free_port()
     env = server_env(venv, AZUREML_MODEL_DIR=str(artifact.parent), WORKER_TIMEOUT="600", **extra)
     env.pop("AML_APP_ROOT", None)
-    args = [str(venv / "bin" / "python"), str(TESTS / "azmlinfsrv_loopback.py")]
+    args = [str(venv / "bin" / "python"), str(ROOT / "samples" / "azmlinfsrv_local.py")]
     args += ["--entry_script", str(entry_script), "--port", str(port)]
     with running(args, f"http://127.0.0.1:{port}/", log, env, timeout=420, cwd=cwd or log.parent):
         yield Azmlinfsrv(f"http://127.0.0.1:{port}")

@@ -58,8 +58,8 @@ def test_kserve_manifests_name_the_runtime_and_the_image_layers_match_the_tested
     assert "deploy/kserve/server-packages.txt MLmodel_template/requirements.txt" in dockerfile
 
 
-def test_the_readme_shows_the_kserve_and_mlserver_files_as_they_are():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_kserve_and_mlserver_files_as_they_are():
+    readme = (ROOT / "docs" / "deploy-mlserver.md").read_text()
     for path in ("kserve/inference-service.yaml", "kserve/serving-runtime.yaml", "mlserver/model-settings.json"):
         text = (DEPLOY / path).read_text()
         assert f"\n{text}```" in readme, path
