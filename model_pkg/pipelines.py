@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -108,14 +110,54 @@ def resolve_dtype(setting: str, device: torch.device, cpu_bf16: bool) -> torch.d
     return torch.bfloat16 if device.type == "cpu" and cpu_bf16 else torch.float32
 
 
+def task_gpus() -> list[str]:
+    """The GPU addresses Spark gave the running task (none outside one). Only looks at an already
+    imported pyspark: inside a Spark Python worker it is; the runtime never imports it."""
+    pyspark = sys.modules.get("pyspark")
+    task = pyspark.TaskContext.get() if pyspark is not None and hasattr(pyspark, "TaskContext") else None
+    gpu = task.resources().get("gpu") if task is not None else None
+    return list(gpu.addresses) if gpu is not None else []
+
+
+def decide_device(setting: str, cuda_count: int, gpus: list[str], visible: str | None) -> tuple[str, str]:
+    """(device, why). ``auto`` in a Spark task with GPUs: the task's first GPU address, which is a CUDA
+    ordinal, or its position in ``CUDA_VISIBLE_DEVICES`` when the executor was given a subset."""
+    if setting != "auto":
+        return setting, "configured"
+    if cuda_count == 0:
+        return "cpu", "no CUDA device" + (f" (the Spark task was assigned GPU {gpus[0]})" if gpus else "")
+    if not gpus:
+        return "cuda", "CUDA available"
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    if ids is not None and gpus[0] in ids:
+        ordinal, how = ids.index(gpus[0]), f" (position in CUDA_VISIBLE_DEVICES={visible})"
+    elif ids is None and gpus[0].isdigit():
+        ordinal, how = int(gpus[0]), ""
+    else:
+        return "cuda", f"Spark task GPU {gpus[0]} is not a visible CUDA device; the current device instead"
+    if ordinal >= cuda_count:
+        return "cuda", f"Spark task GPU {gpus[0]} is ordinal {ordinal} of {cuda_count} devices; the current one instead"
+    return f"cuda:{ordinal}", f"Spark task GPU {gpus[0]}{how}"
+
+
+def warn_if_task_moved(device: torch.device) -> None:
+    """A reused Spark Python worker keeps its model where it was loaded; say so when a later task was
+    assigned another GPU (set ``spark.python.worker.reuse=false`` to load per task instead)."""
+    gpus = task_gpus()
+    if gpus and device.type == "cuda" and device.index is not None:
+        wanted = decide_device("auto", torch.cuda.device_count(), gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))[0]
+        if wanted.startswith("cuda:") and torch.device(wanted) != device:
+            logger.warning("this Spark task was assigned %s but the model is loaded on %s", wanted, device)
+
+
 def choose_device_dtype(
     config: ModelConfig, capabilities: Mapping[str, Any] | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """``auto`` device: CUDA when available, else CPU; dtype: :func:`resolve_dtype`."""
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    """Device: :func:`decide_device` (``auto``: CUDA when available, else CPU); dtype: :func:`resolve_dtype`."""
+    count = torch.cuda.device_count() if config.device == "auto" else 0
+    name, why = decide_device(config.device, count, task_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    device = torch.device(name)
+    logger.info("device %s: %s", device, why)
     cpu_bf16 = bool(native_bf16(cpu_capabilities() if capabilities is None else capabilities))
     return device, resolve_dtype(config.dtype, device, cpu_bf16)
 

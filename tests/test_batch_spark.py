@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {"torch_threads": 1}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: the cluster tests start their own driver
 def spark(tmp_path_factory):
     previous = os.environ.get("PYSPARK_PYTHON")
     os.environ["PYSPARK_PYTHON"] = sys.executable  # workers need the venv's packages
