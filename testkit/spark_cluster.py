@@ -100,6 +100,7 @@ class SparkCluster:
         from pyspark.sql import SparkSession
 
         os.environ["PYSPARK_PYTHON"] = sys.executable
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = (
             SparkSession.builder.master(self.url)
             .appName(app)
@@ -126,7 +127,7 @@ class SparkCluster:
     def wait_executors(self, n: int, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         sc = self._session.sparkContext
-        while len(sc._jsc.sc().getExecutorMemoryStatus()) - 1 < n:  # minus the driver
+        while sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < n:  # minus the driver
             if time.monotonic() > deadline:
                 raise AssertionError(f"fewer than {n} executors after {timeout} s")
             time.sleep(0.5)
