@@ -9,12 +9,15 @@ batch-relative row numbers), and fail if MLflow changes that.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import torch
 from pyspark.sql import functions as F
@@ -161,3 +164,139 @@ def test_spark_udf_honours_model_config(spark, artifact):
                                   env_manager="local", model_config={"max_steps": 3})  # fmt: skip
     row = sdf.select(udf(input_struct(sdf)).alias("r")).select("r.*").collect()[0]
     assert row["generated_image"] is None, "a 4-step row scored past max_steps=3"
+
+
+# ---- the model shipped once per node, loaded once per Python worker, cleaned up --------------------------
+
+
+def probe(spark, partitions: int = 2) -> list[tuple[int, int, int]]:
+    """(pid, model_udf loads, spark_udf models) of the Python worker of each of ``partitions`` tasks."""
+    import os
+
+    from pyspark.sql.functions import pandas_udf
+
+    def count(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+        from mlflow.pyfunc.spark_model_cache import SparkModelCache
+
+        from sdxl_tools import spark as route
+
+        for batch in batches:
+            yield pd.Series([f"{os.getpid()} {sum(route.LOADS.values())} {len(SparkModelCache._models)}"] * len(batch))
+
+    udf = pandas_udf(count, returnType="string")
+    df = spark.range(partitions).repartition(partitions)
+    return sorted({tuple(map(int, r[0].split())) for r in df.select(udf(F.col("id"))).collect()})
+
+
+def score_two_jobs(spark, make_udf, key: str | None) -> None:
+    sdf = spark.createDataFrame(rows_frame(4), SCHEMA).repartition(2, "id")
+    for _ in range(2):  # two UDFs of the same model, one job each
+        udf = make_udf()
+        sdf.select(udf(input_struct(sdf, key=key)).alias("r")).select("r.seed").collect()
+
+
+def test_spark_udf_copies_per_python_worker(spark, cluster, artifact):
+    """What MLflow's route costs on a cluster (measured; docs/batch-spark.md has the figures)."""
+    before = copies(cluster.root / "executor-tmp")
+    params = PARAMS | {"on_error": "null"}
+
+    def make():
+        return mlflow.pyfunc.spark_udf(spark, str(artifact), result_type=result_type(params), params=params,
+                                       env_manager="local")  # fmt: skip
+
+    score_two_jobs(spark, make, key=None)
+    extracted = [c for c in copies(cluster.root / "executor-tmp") if c not in before]
+    zips = [p for p in cluster.root.glob("worker*/app-*/*/*.zip")]
+    print(f"spark_udf: {len(extracted)} extracted copies ({du(cluster.root / 'executor-tmp')} B), "
+          f"{len(zips)} zips fetched by executors ({sum(p.stat().st_size for p in zips)} B), "
+          f"artifact {du(artifact)} B; workers {probe(spark)}")  # fmt: skip
+    assert len(extracted) >= 2  # one per Python worker and spark_udf call, never cleaned up
+
+
+def test_model_udf_one_copy_per_node_one_load_per_worker_and_cleanup(spark, cluster, artifact, tmp_path):
+    cache = tmp_path / "cache"
+    before_tmp, before_zips = copies(cluster.root / "executor-tmp"), set(cluster.root.glob("worker*/app-*/*/*.zip"))
+    loads_before = {pid: loads for pid, loads, _ in probe(spark)}
+
+    def make():
+        return model_udf(spark, str(artifact), PARAMS | {"on_error": "null"}, ONE_THREAD, cache, key="id")
+
+    score_two_jobs(spark, make, key="id")
+    assert copies(cache) == [cache / c.name for c in copies(cache)] and len(copies(cache)) == 1  # both executors
+    assert copies(cluster.root / "executor-tmp") == before_tmp  # nothing extracted per worker
+    assert set(cluster.root.glob("worker*/app-*/*/*.zip")) == before_zips  # nothing shipped through the driver
+    after = probe(spark)
+    print(f"model_udf: cache {du(cache)} B (artifact {du(artifact)} B); workers {after}")
+    # a worker that ran both jobs loaded once (a worker Spark replaced meanwhile loads once too)
+    assert all(loads - loads_before.get(pid, 0) <= 1 for pid, loads, _ in after), after
+
+    # three other models (copies of the artifact elsewhere): the cache keeps the newest two
+    others = []
+    for i in range(3):
+        other = tmp_path / f"model{i}"
+        shutil.copytree(artifact, other)
+        others.append(other)
+        udf = model_udf(spark, str(other), PARAMS | {"on_error": "null"}, ONE_THREAD, cache, key="id")
+        sdf = spark.createDataFrame(rows_frame(1), SCHEMA)
+        sdf.select(udf(input_struct(sdf, key="id")).alias("r")).select("r.seed").collect()
+    kept = sorted((c / ".uri").read_text() for c in copies(cache))
+    assert kept == sorted(str(o) for o in others[1:]), kept
+
+
+# ---- the sample job uses the cluster, restartable ---------------------------------------------------------
+
+
+def load_sample():
+    spec = importlib.util.spec_from_file_location("batch_spark_sample", ROOT / "samples" / "batch_spark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_job_spreads_rows_over_executors_and_restarts(spark, artifact, tmp_path):
+    prompts = str(tmp_path / "prompts.parquet")
+    spark.createDataFrame(rows_frame(8).drop(columns="id"), SCHEMA.split(", ", 1)[1]).coalesce(1).write.parquet(prompts)
+    sample, table_dir, images = load_sample(), tmp_path / "table", tmp_path / "images"
+    run = dict(images=str(images), params=PARAMS, seed=None, model_config=ONE_THREAD, cache_dir=str(tmp_path / "c"))
+
+    table = sample.score_file(spark, str(artifact), prompts, str(table_dir), **run).toPandas()
+    assert sorted(table["row"]) == list(range(8)) and table["error"].isna().all()
+    parts = sorted(table_dir.glob("part-*.parquet"))
+    assert len(parts) == spark.sparkContext.defaultParallelism == 2  # one task per executor core, not one
+    assert sorted(p.name for p in images.iterdir()) == [f"{r:06d}.png" for r in range(8)]
+
+    again = sample.score_file(spark, str(artifact), prompts, str(table_dir), **run).toPandas()
+    assert sorted(again["row"]) == list(range(8))  # nothing scored twice
+    assert set(parts) <= set(table_dir.glob("part-*.parquet"))  # appended to, not rewritten
+
+
+# ---- an executor killed mid-job ---------------------------------------------------------------------------
+
+
+def test_executor_killed_mid_job_every_row_once_and_bytes_equal(spark, cluster, artifact, local_model, tmp_path):
+    frame = rows_frame(16)
+    sdf = spark.createDataFrame(frame, SCHEMA).repartition(4, "id")
+    params = PARAMS | {"num_inference_steps": 4, "on_error": "null"}
+    udf = model_udf(spark, str(artifact), params, ONE_THREAD, tmp_path / "cache", key="id")
+    out = tmp_path / "out"
+    job = threading.Thread(
+        target=lambda: sdf.select("id", udf(input_struct(sdf, key="id")).alias("r"))
+        .select("id", "r.*").write.parquet(str(out))
+    )  # fmt: skip
+    executors = cluster.executor_pids()
+    job.start()
+    deadline = time.monotonic() + 120
+    while not copies(tmp_path / "cache") and time.monotonic() < deadline:  # the job is scoring
+        time.sleep(0.2)
+    time.sleep(2)
+    victim = executors[0]
+    psutil.Process(victim).kill()
+    job.join(timeout=400)
+    assert not job.is_alive()
+    scored = pd.read_parquet(out)
+    assert sorted(scored["id"]) == list(frame["id"])  # every row exactly once
+    assert scored["error"].isna().all()
+    expected = expected_images(local_model, frame, params)
+    assert dict(zip(scored["id"], scored["generated_image"], strict=True)) == expected
+    cluster.wait_executors(2)  # the worker started a new executor for the application
+    assert victim not in cluster.executor_pids()
