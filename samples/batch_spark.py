@@ -126,10 +126,11 @@ def write_images(table: DataFrame, folder: str, fmt: str = "png") -> None:
 
 def done_rows(spark: SparkSession, output: str) -> DataFrame | None:
     """The rows a previous run already wrote to the output table (Spark commits a write whole)."""
-    try:
-        return spark.read.parquet(output).select("row")
-    except Exception:  # no table yet (Spark raises AnalysisException: path does not exist)
+    jvm = spark.sparkContext._jvm  # Hadoop's FileSystem: the same check for a local folder, HDFS or S3
+    path = jvm.org.apache.hadoop.fs.Path(output)
+    if not path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(path):
         return None
+    return spark.read.parquet(output).select("row")
 
 
 def score_file(

@@ -195,8 +195,9 @@ def score_two_jobs(spark, make_udf, key: str | None) -> None:
         sdf.select(udf(input_struct(sdf, key=key)).alias("r")).select("r.seed").collect()
 
 
-def test_spark_udf_copies_per_python_worker(spark, cluster, artifact):
-    """What MLflow's route costs on a cluster (measured; docs/batch-spark.md has the figures)."""
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="spark_udf extracts a copy per Python worker and call")
+def test_spark_udf_one_copy_per_node(spark, cluster, artifact):
+    """What MLflow's route costs on a cluster (printed; docs/batch-spark.md has the figures)."""
     before = copies(cluster.root / "executor-tmp")
     params = PARAMS | {"on_error": "null"}
 
@@ -210,7 +211,7 @@ def test_spark_udf_copies_per_python_worker(spark, cluster, artifact):
     print(f"spark_udf: {len(extracted)} extracted copies ({du(cluster.root / 'executor-tmp')} B), "
           f"{len(zips)} zips fetched by executors ({sum(p.stat().st_size for p in zips)} B), "
           f"artifact {du(artifact)} B; workers {probe(spark)}")  # fmt: skip
-    assert len(extracted) >= 2  # one per Python worker and spark_udf call, never cleaned up
+    assert len(extracted) <= 1, f"{len(extracted)} extracted copies on one node"  # one per worker and call
 
 
 def test_model_udf_one_copy_per_node_one_load_per_worker_and_cleanup(spark, cluster, artifact, tmp_path):
