@@ -2,7 +2,7 @@
 
 :class:`GenerationParams` is the single declaration of every param's name, type, default and
 range. The MLflow signature (``ParamSchema``, input and output schemas) is derived from this module
-when the artifact is built (``sdxl_tools.artifact.signature``), the parser validates requests with
+when the artifact is built (``sdxl_tools.signature``), the parser validates requests with
 it, and the PNG reproduction request is checked against it by the tests. MLflow always fills every
 param in, so "not given" is spelled with a sentinel: ``seed=-1`` draws a random seed,
 ``num_inference_steps_refiner=-1`` / ``guidance_scale_refiner=-1`` inherit the base values,

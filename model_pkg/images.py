@@ -19,8 +19,6 @@ from collections.abc import Mapping
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from model_pkg.contract import METADATA_KEY as METADATA_KEY  # re-exported until sdxl_tools.client imports contract
-
 _DATA_URI = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)  # any media type and parameters
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_=\s]")  # both alphabets, padding, whitespace
 _URL_SAFE = str.maketrans("-_", "+/")

@@ -1,23 +1,18 @@
 """Keep nulls in ``spark_udf`` struct results (a workaround for MLflow 3.17's struct conversion).
 
 ``mlflow.pyfunc.spark_udf`` converts a struct result column by column with ``astype(<numpy type>)``
-(``mlflow.pyfunc._convert_struct_values``). A column that mixes values and nulls then comes out
-wrong: ``None`` in a ``string`` field becomes a text (``"None"``, or ``"nan"`` with pandas 3), in a
-``boolean`` field ``False``, and a missing ``long`` fails the whole Arrow batch. That is exactly
-the shape of ``on_error="null"`` output (null image, null seed, null error for good rows).
-No supported route avoids it in MLflow 3.17.2: nested struct, array and map fields keep nulls but
-change the output's shape, and pandas' nullable dtypes come out as ``"<NA>"`` or fail the cast.
+(``mlflow.pyfunc._convert_struct_values``): in a column that mixes values and nulls, ``None`` in a
+``string`` field becomes a text (``"None"``), in a ``boolean`` field ``False``, and a missing ``long``
+fails the Arrow batch: the shape of ``on_error="null"`` output. No supported route avoids it in
+MLflow 3.17.2 (nested struct, array and map fields keep nulls but change the output's shape; pandas'
+nullable dtypes come out as ``"<NA>"`` or fail the cast). ``sdxl_tools.spark.model_udf`` does not
+go through this converter and needs no fix.
 
-:func:`preserve_struct_nulls` (called by the model's ``load_context``) wraps that converter where it
-runs: inside a Spark task, i.e. the Python worker of ``spark_udf(..., env_manager="local")``, which
-loads the model in the task before it converts the first batch. A REST server, a batch job or a
-Spark driver that loads the model leaves MLflow untouched. Nulls of primitive fields are set aside,
-the rest converted by MLflow's own code as before, and the nulls put back, so Spark receives real
-nulls. :func:`install` marks the function it changed, so a second install is a no-op; when MLflow's
-function does not look like the one this was written for (another MLflow version), it changes
-nothing and logs a warning (the Spark error-mode test then shows whether the fix is still needed).
-(With the ``virtualenv``/``uv`` env managers the model runs in a separate scoring process and the
-fix does not reach the worker.)
+:func:`preserve_struct_nulls` (called by ``load_context``) wraps the converter only inside a Spark
+task (the Python worker of ``spark_udf(..., env_manager="local")``); a REST server, a batch job or a
+driver leaves MLflow untouched. Nulls of primitive fields are set aside, the rest converted by
+MLflow's own code, and the nulls put back. Installing twice is a no-op; a converter that does not
+look like MLflow 3.17's is left unchanged, with a warning.
 """
 
 from __future__ import annotations
@@ -35,14 +30,8 @@ import pandas as pd
 _logger = logging.getLogger(__name__)
 MARKER = "_sdxl_struct_nulls"  # attribute on the converter function: "installed" or "declined"
 # Spark primitive type name → a value its numpy cast accepts, used only as a placeholder for a null.
-_PLACEHOLDERS = {
-    "IntegerType": 0,
-    "LongType": 0,
-    "FloatType": 0.0,
-    "DoubleType": 0.0,
-    "BooleanType": False,
-    "StringType": "",
-}
+_PLACEHOLDERS = {"IntegerType": 0, "LongType": 0, "FloatType": 0.0, "DoubleType": 0.0, "BooleanType": False}
+_PLACEHOLDERS["StringType"] = ""
 
 
 def _null_safe(convert: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:

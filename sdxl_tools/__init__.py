@@ -6,3 +6,4 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout the tools run from
 TEMPLATE = ROOT / "MLmodel_template"  # the artifact's requirements, input example, model card, styles
+VARIANTS = ("all", "fp16", "fp32")  # which weight files a build packages (``build --variant``)

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m sdxl_tools.batch --model URI --input prompts.{csv,jsonl,parquet} --output DIR \\
+    sdxl-pyfunc batch --model URI --input prompts.{csv,jsonl,parquet} --output DIR \\
         [--params JSON] [--chunk-size N] [--model-config JSON] [--retry-errors]
 
 One input row = one image. Rows are scored ``--chunk-size`` at a time (rows of a chunk that share
@@ -27,7 +27,6 @@ model config). Resuming with anything else is refused; the CLI checks before it 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,8 +40,8 @@ import pandas as pd
 from model_pkg.contract import parse_params
 from sdxl_tools.client import output_bytes
 from sdxl_tools.files import fsync_dir, write_atomic
-from sdxl_tools.identity import ModelIdentity, artifact_identity, loaded_identity, registry_version
-from sdxl_tools.job_folder import IMAGES, MANIFEST, BatchError, Manifest, check_job, output_lock
+from sdxl_tools.identity import ModelIdentity, loaded_identity
+from sdxl_tools.job_folder import IMAGES, BatchError, Manifest, check_job, output_lock
 
 INPUT_FORMATS = (".csv", ".jsonl", ".parquet")
 
@@ -137,10 +136,10 @@ def run(
     ``source``: where the model came from (its registry version), recorded in ``job.json``.
     """
     with output_lock(Path(output)):
-        return _run(model, input_path, output, params, chunk_size, retry_errors, progress, source)
+        return run_locked(model, input_path, output, params, chunk_size, retry_errors, progress, source)
 
 
-def _run(
+def run_locked(
     model: Any,
     input_path: str | Path,
     output: str | Path,
@@ -189,82 +188,3 @@ def _run(
     seconds = time.perf_counter() - start
     errors = sum(e["error"] is not None for e in done.values())
     return Summary(len(df), len(df) - len(pending), len(pending), len(done) - errors, errors, seconds)
-
-
-def _json_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sdxl_tools.batch",
-        description="Score a prompts file into image files and a JSON Lines manifest; rerun to resume.",
-    )
-    parser.add_argument("--model", required=True, help="model URI: a path, runs:/..., models:/NAME@alias")
-    parser.add_argument("--input", required=True, type=Path, help="prompts file: .csv, .jsonl or .parquet")
-    parser.add_argument("--output", required=True, type=Path, help="folder for images/ and manifest.jsonl")
-    parser.add_argument("--params", type=_json_arg, default={}, help="request params, e.g. '{\"seed\": 42}'")
-    parser.add_argument("--chunk-size", type=int, default=8, help="rows per predict call (default 8)")
-    parser.add_argument("--model-config", type=_json_arg, default=None, help="model config overrides (JSON)")
-    parser.add_argument("--retry-errors", action="store_true", help="score rows that failed earlier again")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-
-    try:
-        summary = _run_job(args)
-    except BatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished rows are in the manifest; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(
-        f"{summary.rows} rows: {summary.images} images, {summary.errors} errors "
-        f"({args.output / MANIFEST}); {summary.skipped} done earlier, {summary.scored} scored now "
-        f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s)"
-    )
-    return 0
-
-
-def _run_job(args: argparse.Namespace) -> Summary:
-    """The CLI job: lock the folder, check the model against ``job.json`` before loading it, score."""
-    import mlflow
-
-    from sdxl_tools.scratch import scratch_dir
-
-    params = {"on_error": "null", **args.params}
-    try:
-        parse_params(params)
-        read_prompts(args.input)  # fail on bad params or a bad input file before touching the model
-        with output_lock(args.output), scratch_dir() as scratch:
-            registered = registry_version(args.model)
-            # a moved alias is refused before anything is downloaded
-            early = ModelIdentity(args.model, *(registered or (None, None)), "", {})
-            check_job(args.output, args.input, params, early, write=False)
-            local = Path(args.model)
-            if not local.is_dir():  # download once; the identity and the model come from the same files
-                pinned = f"models:/{registered[0]}/{registered[1]}" if registered else args.model
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(scratch)))
-            source = artifact_identity(local, args.model, registered, args.model_config)
-            check_job(args.output, args.input, params, source, write=False)
-            model = mlflow.pyfunc.load_model(str(local), model_config=args.model_config)
-            return _run(
-                model, args.input, args.output, params, args.chunk_size, args.retry_errors, not args.no_progress, source
-            )
-    except mlflow.exceptions.MlflowException as e:
-        raise BatchError(str(e)) from e
-
-
-def cli() -> None:
-    """The ``sdxl-batch`` console script."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    cli()

@@ -18,8 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from model_pkg.azure_request import azure_request_to_frame
-from model_pkg.contract import OUTPUT_COLUMNS, is_missing
-from model_pkg.images import METADATA_KEY
+from model_pkg.contract import METADATA_KEY, OUTPUT_COLUMNS, is_missing
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 

@@ -37,6 +37,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 
+from model_pkg.pipelines import ManifestKey as K
 from sdxl_tools import ROOT
 from sdxl_tools.artifact import log_artifact
 from sdxl_tools.gate import GateReport, describe_params, describe_schema, validate
@@ -107,10 +108,10 @@ def use_experiment(name: str = DEFAULT_EXPERIMENT, project: Path = ROOT) -> str:
 def provenance_tags(staged: Staged, signature: mlflow.models.ModelSignature | None) -> dict[str, str]:
     """Tags a reviewer needs to know what a version is: component hashes, sources, versions, contract."""
     manifest = staged.manifest
-    tags = {f"sha256.{component}": digest for component, digest in manifest["hashes"].items()}
-    tags["components.shared"] = ", ".join(manifest["shared"]) or "none"
-    tags["safety_checker"] = "packaged" if manifest["safety_checker"] else "none"
-    tags |= {f"source.{role}": path for role, path in manifest["sources"].items()}
+    tags = {f"sha256.{component}": digest for component, digest in manifest[K.HASHES].items()}
+    tags["components.shared"] = ", ".join(manifest[K.SHARED]) or "none"
+    tags["safety_checker"] = "packaged" if manifest[K.SAFETY_CHECKER] else "none"
+    tags |= {f"source.{role}": path for role, path in manifest[K.SOURCES].items()}
     tags |= {f"version.{package}": installed_version(package) for package in PACKAGES}
     tags["version.python"] = platform.python_version()
     if signature is not None:

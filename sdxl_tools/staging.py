@@ -23,7 +23,7 @@ from typing import Any
 from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.pipelines import MANIFEST
 from model_pkg.pipelines import ManifestKey as K
-from sdxl_tools import TEMPLATE
+from sdxl_tools import TEMPLATE, VARIANTS
 from sdxl_tools.files import link_or_copy, sha256
 
 LORA_DIR = "loras"
@@ -35,7 +35,6 @@ SHAREABLE = ("text_encoder_2", "tokenizer_2", "vae")
 KEEP_IN_REFINER = ("tokenizer_2",)
 KEEP_SUFFIXES = (".json", ".txt", ".safetensors")
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-VARIANTS = ("all", "fp16", "fp32")
 
 
 class BuildError(ValueError):

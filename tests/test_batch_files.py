@@ -1,4 +1,4 @@
-"""The file batch job (``python -m sdxl_tools.batch``): formats, per-row errors, kill and resume."""
+"""The file batch job (``sdxl-pyfunc batch``): formats, per-row errors, kill and resume."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from PIL import Image
 
 from model_pkg.catalog import model_hash
 from sdxl_tools.artifact import save_artifact
-from sdxl_tools.batch import main, read_prompts, run
+from sdxl_tools.batch import read_prompts, run
+from sdxl_tools.cli import main
 from sdxl_tools.job_folder import JOB_FILE, MANIFEST, BatchError
 from sdxl_tools.random_weights import write_tiny_sdxl
 from sdxl_tools.staging import stage_components
@@ -62,7 +63,7 @@ def test_killed_job_resumes_every_row_exactly_once(model, artifact, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", hundred_rows_with_five_bad())
     output = tmp_path / "out"
     params = CHEAP | {"seed": 1000}
-    command = [sys.executable, "-m", "sdxl_tools.batch", "--model", str(artifact), "--input", str(prompts)]
+    command = [sys.executable, "-m", "sdxl_tools.cli", "batch", "--model", str(artifact), "--input", str(prompts)]
     command += ["--output", str(output), "--params", json.dumps(params), "--chunk-size", "4", "--no-progress"]
     log = (tmp_path / "job.log").open("w")
     job = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -173,7 +174,10 @@ def test_refuses_to_mix_jobs_and_bad_inputs(model, tmp_path, capsys):
     with pytest.raises(BatchError, match=r"bad.jsonl:2: not valid JSON"):
         read_prompts(tmp_path / "bad.jsonl")
     pd.DataFrame({"text": ["a cat"]}).to_csv(tmp_path / "noprompt.csv", index=False)
-    assert main(["--model", "unused", "--input", str(tmp_path / "noprompt.csv"), "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(["batch", "--model", "unused", "--input", str(tmp_path / "noprompt.csv"), "--output", str(tmp_path / "x")])
+        == 2
+    )
     assert "no 'prompt' column" in capsys.readouterr().err
 
 
@@ -203,6 +207,7 @@ def folder_state(output: Path) -> tuple[str, dict[str, bytes]]:
 
 def job_args(model: str, prompts: Path, output: Path, *extra: str) -> list[str]:
     args = ["--model", model, "--input", str(prompts), "--output", str(output), "--params", json.dumps(CHEAP)]
+    args = ["batch", *args]
     return [*args, "--chunk-size", "1", "--no-progress", *extra]
 
 
@@ -271,7 +276,7 @@ def test_a_second_job_on_the_same_folder_is_refused_at_once(artifact, tmp_path):
     """Two real processes: the second finds the folder locked and exits 2 while the first keeps going."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"a cat number {i}"} for i in range(2000)])
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "sdxl_tools.batch", *job_args(str(artifact), prompts, output)]
+    command = [sys.executable, "-m", "sdxl_tools.cli", *job_args(str(artifact), prompts, output)]
     command[command.index("--chunk-size") + 1] = "4"
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from mlflow.models import Model
 
-import build
+from sdxl_tools import cli
 from sdxl_tools.artifact import save_artifact
 from sdxl_tools.staging import stage_components
 from testkit.helpers import FAST, frame
@@ -61,7 +61,10 @@ def test_saving_moves_weights_that_have_no_other_name(tiny, tmp_path):
 
 
 def test_cli_build_records_random_sources_and_leaves_no_temporary_folders(tmp_path):
-    build.main(["build", "--tiny", "--tiny-safety-checker", "never", "--output", str(tmp_path / "m"), "--seed", "3"])
+    assert (
+        cli.main(["build", "--tiny", "--tiny-safety-checker", "never", "--output", str(tmp_path / "m"), "--seed", "3"])
+        == 0
+    )
     manifest = json.loads((tmp_path / "m" / "artifacts" / "sdxl" / "components.json").read_text())
     assert manifest["sources"] == {
         "base": "random tiny weights (seed 3)",

@@ -34,7 +34,8 @@ RUNTIME_MODULES = {
     "spark_nulls.py",
     "spec.py",
 }
-MAX_RUNTIME_LINES = 2540  # 2,532 after the stage split and the Azure module: to be trimmed back under 2,500
+# 2,520: the Azure request conversion (40 lines) moved into the runtime, so score.py needs only the artifact
+MAX_RUNTIME_LINES = 2520
 
 
 def imported_modules(source: str) -> set[str]:

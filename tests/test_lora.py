@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import replace
@@ -146,17 +145,17 @@ def test_build_packages_only_safetensors_loras(tiny, tiny_loras, tmp_path):
         stage_components(tiny.base, tiny.refiner, tmp_path / "d", loras={"a:b": tiny_loras["toy"]})
 
 
-def test_build_cli_lora_flag(tiny_loras, tmp_path):
-    """``build.py build --lora NAME=PATH --tiny-lora NAME``, run in-process (its ``main``)."""
-    spec = importlib.util.spec_from_file_location("build_cli", ROOT / "build.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_build_cli_lora_flag(tiny_loras, tmp_path, capsys):
+    """``sdxl-pyfunc build --lora NAME=PATH --tiny-lora NAME``, run in-process (its ``main``)."""
+    from sdxl_tools import cli
+
     out = str(tmp_path / "m")
-    cli.main(["build", "--tiny", "--lora", f"toy={tiny_loras['toy']}", "--tiny-lora", "rnd", "--output", out])
+    lora_args = ["--lora", f"toy={tiny_loras['toy']}", "--tiny-lora", "rnd"]
+    assert cli.main(["build", "--tiny", *lora_args, "--output", out]) == 0
     manifest = json.loads((tmp_path / "m" / "artifacts" / "sdxl" / "components.json").read_text())
     assert sorted(manifest["loras"]) == ["rnd", "toy"]
-    with pytest.raises(SystemExit, match="--lora expects NAME=PATH"):
-        cli.main(["build", "--tiny", "--lora", "toy", "--output", str(tmp_path / "n")])
+    assert cli.main(["build", "--tiny", "--lora", "toy", "--output", str(tmp_path / "n")]) == 2
+    assert "--lora expects NAME=PATH" in capsys.readouterr().err
 
 
 def test_pai_eas_prompt_tags_select_adapters_and_round_trip_through_png_metadata(lora_model):

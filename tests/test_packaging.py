@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from safetensors.torch import load_file, save_file
 
-import build
+from sdxl_tools import cli
 from sdxl_tools.client import b64_to_image
 from sdxl_tools.staging import BuildError, stage_components
 from testkit.helpers import FAST, frame
@@ -85,7 +85,7 @@ def test_folders_that_are_not_sdxl_pipelines_are_refused(tiny, tmp_path):
 
 
 def test_cli_builds_a_loadable_model_with_model_config(tmp_path, capsys):
-    build.main(["build", "--tiny", "--output", str(tmp_path / "m"), "--config", "max_steps=12"])
+    assert cli.main(["build", "--tiny", "--output", str(tmp_path / "m"), "--config", "max_steps=12"]) == 0
     assert "shared components: text_encoder_2, tokenizer_2, vae" in capsys.readouterr().out
     model = mlflow.pyfunc.load_model(str(tmp_path / "m"))
     assert model.unwrap_python_model().config.max_steps == 12

@@ -29,10 +29,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-import build
 from model_pkg import contract
 from model_pkg.contract import OUTPUT_COLUMNS
-from sdxl_tools import registry
+from sdxl_tools import cli, registry
 from sdxl_tools.client import b64_to_image
 from sdxl_tools.gate import breaking_changes
 from sdxl_tools.random_weights import write_tiny_sdxl
@@ -97,7 +96,7 @@ def sqlite_registry(staged, tmp_path_factory) -> tuple[str, dict[str, str]]:
     folder = tmp_path_factory.mktemp("sqlite-registry")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with store(uri) as client:
-        build.main(["register", "--tiny", "--name", NAME, "--experiment", "tests"])
+        assert cli.main(["register", "--tiny", "--name", NAME, "--experiment", "tests"]) == 0
         (v1,) = [str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")]
         return uri, register_good_and_broken(staged, v1=v1)
 
@@ -253,7 +252,7 @@ def test_cli_copies_to_another_name_and_promotes_with_stages(sqlite_registry, ca
     uri, v = sqlite_registry
     with store(uri) as client:
         for key in ("v1", "v2", "v3"):
-            build.main(["copy", NAME, "--version", v[key], "--to", "sdxl-prod"])
+            assert cli.main(["copy", NAME, "--version", v[key], "--to", "sdxl-prod"]) == 0
         assert f"copied models:/{NAME}/{v['v3']} to models:/sdxl-prod/3" in capsys.readouterr().out
         copies = {str(mv.version): mv for mv in client.search_model_versions("name = 'sdxl-prod'")}
         assert {k: mv.tags["copied_from"] for k, mv in copies.items()} == {
@@ -264,27 +263,27 @@ def test_cli_copies_to_another_name_and_promotes_with_stages(sqlite_registry, ca
         assert copies["1"].tags["sha256.base/unet"] == client.get_model_version(NAME, v["v1"]).tags["sha256.base/unet"]
         assert not [k for mv in copies.values() for k in mv.tags if k.startswith(registry.LIFECYCLE_PREFIXES)]
 
-        build.main(["promote", "sdxl-prod", "--version", "1", "--to", "production", "--use-stages"])
+        assert cli.main(["promote", "sdxl-prod", "--version", "1", "--to", "production", "--use-stages"]) == 0
         assert "promoted: models:/sdxl-prod@production -> version 1 (was unset); stage Production" in (
             capsys.readouterr().out
         )
-        with pytest.raises(SystemExit) as refused:
-            build.main(["promote", "sdxl-prod", "--version", "3", "--to", "production", "--dry-run"])
-        assert "promote failed: validation gate for models:/sdxl-prod/3" in str(refused.value.code)
-        assert "output column 'generated_image' removed" in str(refused.value.code)
+        assert cli.main(["promote", "sdxl-prod", "--version", "3", "--to", "production", "--dry-run"]) == 1
+        refused = capsys.readouterr().err
+        assert "promote failed: validation gate for models:/sdxl-prod/3" in refused
+        assert "output column 'generated_image' removed" in refused
         assert "validation.production" not in client.get_model_version("sdxl-prod", "3").tags  # dry run
-        build.main(["promote", "sdxl-prod", "--version", "2", "--to", "production", "--use-stages"])
+        assert cli.main(["promote", "sdxl-prod", "--version", "2", "--to", "production", "--use-stages"]) == 0
         assert [str(client.get_model_version("sdxl-prod", n).current_stage) for n in "123"] == [
             "Archived",
             "Production",
             "None",
         ]
-        build.main(["promote", "sdxl-prod", "--to", "production", "--rollback", "--use-stages"])
+        assert cli.main(["promote", "sdxl-prod", "--to", "production", "--rollback", "--use-stages"]) == 0
         assert "rolled back: models:/sdxl-prod@production -> version 1 (was version 2)" in capsys.readouterr().out
         assert holder("sdxl-prod", "production") == "1"
         assert [client.get_model_version("sdxl-prod", n).current_stage for n in "12"] == ["Production", "Archived"]
 
-        build.main(["copy", "sdxl-prod", "--alias", "production", "--to", "sdxl-live"])
+        assert cli.main(["copy", "sdxl-prod", "--alias", "production", "--to", "sdxl-live"]) == 0
         assert "copied models:/sdxl-prod@production to models:/sdxl-live/1 (models:/sdxl-prod/1)" in (
             capsys.readouterr().out
         )

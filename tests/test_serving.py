@@ -1,4 +1,4 @@
-"""Real-time scoring: the artifact behind the real ``mlflow models serve`` (issue 4).
+"""Real-time scoring: the artifact behind the real ``mlflow models serve``.
 
 One server per module, serving a ``models:/<name>@<alias>`` URI from a temporary sqlite registry
 (the artifact is built with ``max_rows=4`` so the too-many-rows case is cheap); it listens on a
