@@ -3,7 +3,7 @@
 ``spark_udf`` vs ``model_udf``, side by side in one run.
 
 Per cluster size and route: time to first row (a fresh UDF scoring one row: ship/download + load +
-one image), then rows/s over ``--rows`` rows in as many partitions as workers (warm: the Python
+one image; spark_udf runs first, so its figure also holds the Python workers' start), then rows/s over ``--rows`` rows in as many partitions as workers (warm: the Python
 workers loaded the model during the first row), and what reached the executors: bytes fetched per
 executor (spark_udf's zip) or downloaded per node (model_udf's cache), copies on disk.
 
@@ -97,10 +97,11 @@ def main() -> None:
         f"{'workers':>7} {'route':<10} {'first row s':>11} {'rows/s':>7}  shipped / on disk after 2 UDFs (cumulative)"
     )
     for r in results:
+        mib = {k: r[k] / 2**20 for k in ("zip_bytes", "extracted_bytes", "cached_bytes")}
         shipped = (
-            f"{r['zips']} zips {r['zip_bytes'] / 2**20:.1f} MiB, {r['extracted']} extracted {r['extracted_bytes'] / 2**20:.1f} MiB"
+            f"{r['zips']} zips {mib['zip_bytes']:.1f} MiB, {r['extracted']} extracted {mib['extracted_bytes']:.1f} MiB"
             if r["route"] == "spark_udf"
-            else f"{r['cached']} cached copy {r['cached_bytes'] / 2**20:.1f} MiB"
+            else f"{r['cached']} cached copy {mib['cached_bytes']:.1f} MiB"
         )
         print(f"{r['workers']:>7} {r['route']:<10} {r['first_row_s']:>11.1f} {r['rows_s']:>7.2f}  {shipped}")
     by = {(r["workers"], r["route"]): r for r in results}

@@ -111,43 +111,34 @@ def resolve_dtype(setting: str, device: torch.device, cpu_bf16: bool) -> torch.d
 
 
 def task_gpus() -> list[str]:
-    """The GPU addresses Spark gave the running task (none outside one). Only looks at an already
-    imported pyspark: inside a Spark Python worker it is; the runtime never imports it."""
-    pyspark = sys.modules.get("pyspark")
-    task = pyspark.TaskContext.get() if pyspark is not None and hasattr(pyspark, "TaskContext") else None
-    gpu = task.resources().get("gpu") if task is not None else None
-    return list(gpu.addresses) if gpu is not None else []
+    """The GPU addresses Spark gave the running task, via an already imported pyspark (never imported here)."""
+    task = getattr(sys.modules.get("pyspark"), "TaskContext", None)
+    context = task.get() if task else None  # None outside a task
+    gpu = context.resources().get("gpu") if context else None
+    return list(gpu.addresses) if gpu else []
 
 
 def decide_device(setting: str, cuda_count: int, gpus: list[str], visible: str | None) -> tuple[str, str]:
-    """(device, why). ``auto`` in a Spark task with GPUs: the task's first GPU address, which is a CUDA
-    ordinal, or its position in ``CUDA_VISIBLE_DEVICES`` when the executor was given a subset."""
-    if setting != "auto":
-        return setting, "configured"
-    if cuda_count == 0:
-        return "cpu", "no CUDA device" + (f" (the Spark task was assigned GPU {gpus[0]})" if gpus else "")
-    if not gpus:
-        return "cuda", "CUDA available"
+    """(device, why). ``auto`` in a Spark task with GPUs: its first GPU address as a CUDA ordinal, or
+    that address's position in ``CUDA_VISIBLE_DEVICES`` when the executor sees a subset."""
+    if setting != "auto" or cuda_count == 0 or not gpus:
+        why = "configured" if setting != "auto" else "CUDA available" if cuda_count else "no CUDA device"
+        chosen = setting if setting != "auto" else "cuda" if cuda_count else "cpu"
+        return chosen, why + (f" (the Spark task was assigned GPU {gpus[0]})" if gpus and chosen == "cpu" else "")
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
-    if ids is not None and gpus[0] in ids:
-        ordinal, how = ids.index(gpus[0]), f" (position in CUDA_VISIBLE_DEVICES={visible})"
-    elif ids is None and gpus[0].isdigit():
-        ordinal, how = int(gpus[0]), ""
-    else:
-        return "cuda", f"Spark task GPU {gpus[0]} is not a visible CUDA device; the current device instead"
-    if ordinal >= cuda_count:
-        return "cuda", f"Spark task GPU {gpus[0]} is ordinal {ordinal} of {cuda_count} devices; the current one instead"
-    return f"cuda:{ordinal}", f"Spark task GPU {gpus[0]}{how}"
+    ordinal = ids.index(gpus[0]) if ids and gpus[0] in ids else None if ids or not gpus[0].isdigit() else int(gpus[0])
+    if ordinal is None or ordinal >= cuda_count:
+        return "cuda", f"Spark task GPU {gpus[0]} is not one of the {cuda_count} visible CUDA devices; the current one"
+    return f"cuda:{ordinal}", f"Spark task GPU {gpus[0]}" + (
+        f" (position in CUDA_VISIBLE_DEVICES={visible})" * bool(ids)
+    )
 
 
 def warn_if_task_moved(device: torch.device) -> None:
-    """A reused Spark Python worker keeps its model where it was loaded; say so when a later task was
-    assigned another GPU (set ``spark.python.worker.reuse=false`` to load per task instead)."""
-    gpus = task_gpus()
-    if gpus and device.type == "cuda" and device.index is not None:
-        wanted = decide_device("auto", torch.cuda.device_count(), gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))[0]
-        if wanted.startswith("cuda:") and torch.device(wanted) != device:
-            logger.warning("this Spark task was assigned %s but the model is loaded on %s", wanted, device)
+    """A reused Python worker keeps its model where it was loaded: say so when this task has another GPU."""
+    wanted = decide_device("auto", torch.cuda.device_count(), task_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))[0]
+    if device.index is not None and wanted.startswith("cuda:") and torch.device(wanted) != device:
+        logger.warning("this Spark task was assigned %s but the model is loaded on %s", wanted, device)
 
 
 def choose_device_dtype(

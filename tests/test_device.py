@@ -19,9 +19,9 @@ CASES = [
     ("auto", 2, ["6"], "4,6", "cuda:1", "Spark task GPU 6 (position in CUDA_VISIBLE_DEVICES=4,6)"),
     ("auto", 2, ["4"], " 4, 6", "cuda:0", "Spark task GPU 4 (position"),
     ("auto", 1, ["GPU-ab12"], "GPU-ab12", "cuda:0", "Spark task GPU GPU-ab12 (position"),  # UUIDs
-    ("auto", 2, ["5"], "4,6", "cuda", "Spark task GPU 5 is not a visible CUDA device"),
-    ("auto", 2, ["GPU-ab12"], None, "cuda", "Spark task GPU GPU-ab12 is not a visible CUDA device"),
-    ("auto", 2, ["3"], None, "cuda", "Spark task GPU 3 is ordinal 3 of 2 devices"),
+    ("auto", 2, ["5"], "4,6", "cuda", "Spark task GPU 5 is not one of the 2 visible CUDA devices"),
+    ("auto", 2, ["GPU-ab12"], None, "cuda", "Spark task GPU GPU-ab12 is not one of"),
+    ("auto", 2, ["3"], None, "cuda", "Spark task GPU 3 is not one of the 2"),
 ]
 
 
