@@ -3,8 +3,9 @@
 ``spark_udf`` vs ``model_udf``, side by side in one run.
 
 Per cluster size and route: time to first row (a fresh UDF scoring one row: ship/download + load +
-one image; spark_udf runs first, so its figure also holds the Python workers' start), then rows/s over ``--rows`` rows in as many partitions as workers (warm: the Python
-workers loaded the model during the first row), and what reached the executors: bytes fetched per
+one image; spark_udf runs first, so its figure also holds the Python workers' start), then rows/s
+over ``--rows`` rows in as many partitions as workers (warm: the Python workers loaded the model
+during the first row), and what reached the executors: bytes fetched per
 executor (spark_udf's zip) or downloaded per node (model_udf's cache), copies on disk.
 
   python -m benchmarks.bench_spark_cluster [--rows 16] [--size 64] [--steps 4]
