@@ -30,7 +30,7 @@ from model_pkg.contract import RowResult, output_frame
 from model_pkg.generation import generate_batch, warm_up
 from model_pkg.images import encode_output
 from model_pkg.metadata import png_text
-from model_pkg.pipelines import Pipelines, load_pipelines
+from model_pkg.pipelines import Pipelines, load_pipelines, warn_if_task_moved
 from model_pkg.plan import plan_batches
 from model_pkg.prompts import truncation_warnings
 from model_pkg.request import RowError, check_whole_request, parse_request
@@ -62,6 +62,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""
         pipes = self.pipelines
+        warn_if_task_moved(pipes.device)
         with self._lock:
             # 1. parse: every row validated before anything runs; errors name the row and the field
             request = parse_request(model_input, params, self.config, pipes.catalog)

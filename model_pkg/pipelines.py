@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -108,14 +110,45 @@ def resolve_dtype(setting: str, device: torch.device, cpu_bf16: bool) -> torch.d
     return torch.bfloat16 if device.type == "cpu" and cpu_bf16 else torch.float32
 
 
+def task_gpus() -> list[str]:
+    """The GPU addresses Spark gave the running task, via an already imported pyspark (never imported here)."""
+    task = getattr(sys.modules.get("pyspark"), "TaskContext", None)
+    context = task.get() if task else None  # None outside a task
+    gpu = context.resources().get("gpu") if context else None
+    return list(gpu.addresses) if gpu else []
+
+
+def decide_device(setting: str, cuda_count: int, gpus: list[str], visible: str | None) -> tuple[str, str]:
+    """(device, why). ``auto`` in a Spark task with GPUs: its first GPU address as a CUDA ordinal, or
+    that address's position in ``CUDA_VISIBLE_DEVICES`` when the executor sees a subset."""
+    if setting != "auto" or cuda_count == 0 or not gpus:
+        why = "configured" if setting != "auto" else "CUDA available" if cuda_count else "no CUDA device"
+        chosen = setting if setting != "auto" else "cuda" if cuda_count else "cpu"
+        return chosen, why + (f" (the Spark task was assigned GPU {gpus[0]})" if gpus and chosen == "cpu" else "")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    ordinal = ids.index(gpus[0]) if ids and gpus[0] in ids else None if ids or not gpus[0].isdigit() else int(gpus[0])
+    if ordinal is None or ordinal >= cuda_count:
+        return "cuda", f"Spark task GPU {gpus[0]} is not one of the {cuda_count} visible CUDA devices; the current one"
+    return f"cuda:{ordinal}", f"Spark task GPU {gpus[0]}" + (
+        f" (position in CUDA_VISIBLE_DEVICES={visible})" * bool(ids)
+    )
+
+
+def warn_if_task_moved(device: torch.device) -> None:
+    """A reused Python worker keeps its model where it was loaded: say so when this task has another GPU."""
+    wanted = decide_device("auto", torch.cuda.device_count(), task_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))[0]
+    if device.index is not None and wanted.startswith("cuda:") and torch.device(wanted) != device:
+        logger.warning("this Spark task was assigned %s but the model is loaded on %s", wanted, device)
+
+
 def choose_device_dtype(
     config: ModelConfig, capabilities: Mapping[str, Any] | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """``auto`` device: CUDA when available, else CPU; dtype: :func:`resolve_dtype`."""
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    """Device: :func:`decide_device` (``auto``: CUDA when available, else CPU); dtype: :func:`resolve_dtype`."""
+    count = torch.cuda.device_count() if config.device == "auto" else 0
+    name, why = decide_device(config.device, count, task_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    device = torch.device(name)
+    logger.info("device %s: %s", device, why)
     cpu_bf16 = bool(native_bf16(cpu_capabilities() if capabilities is None else capabilities))
     return device, resolve_dtype(config.dtype, device, cpu_bf16)
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {"torch_threads": 1}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: the cluster tests start their own driver
 def spark(tmp_path_factory):
     previous = os.environ.get("PYSPARK_PYTHON")
     os.environ["PYSPARK_PYTHON"] = sys.executable  # workers need the venv's packages
@@ -148,7 +148,7 @@ def test_sample_scores_100_rows_with_5_bad_into_a_table_and_files(spark, artifac
 
     table = load_sample().score_file(
         spark, str(artifact), str(tmp_path / "prompts.parquet"), str(tmp_path / "table"), str(tmp_path / "images"),
-        params, seed=500,
+        params, seed=500, cache_dir=str(tmp_path / "cache"),
     ).toPandas().sort_values("row").reset_index(drop=True)  # fmt: skip
 
     assert list(table.columns) == ["row", "prompt", "seed", "image", "nsfw", "error"]
@@ -157,7 +157,7 @@ def test_sample_scores_100_rows_with_5_bad_into_a_table_and_files(spark, artifac
     assert table.index[~has_image].tolist() == sorted(BAD_ROWS)  # exactly the 95 good rows have images
     assert table["error"][has_image].isna().all()
     for row, (_, message) in BAD_ROWS.items():
-        assert table["error"][row].startswith(message), table["error"][row]
+        assert table["error"][row].startswith(f"Row {row}: {message}"), table["error"][row]
     good = table[has_image]
     assert good["seed"].tolist() == [9 if r == 3 else 500 + r for r in good["row"]]
     assert table["nsfw"].isna().all()
