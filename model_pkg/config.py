@@ -32,6 +32,12 @@ class ModelConfig(BaseModel):
     max_rows: int = Field(10_000, ge=1, description="largest number of rows in one predict call")
     max_batch_size: int = Field(8, ge=1, description="most rows sent to the pipeline in one call")
     max_prompt_chars: int = Field(4_000, ge=1, description="longest prompt / negative_prompt, in characters")
+    max_request_prompt_chars: int = Field(
+        100_000,
+        ge=1,
+        description="characters of all prompts and negative prompts of one request: bounds its parsing time "
+        "(tokenizing, prompt weighting) to about a second (docs/limits.md)",
+    )
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
     max_request_image_pixels: int = Field(

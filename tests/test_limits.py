@@ -78,3 +78,29 @@ def test_input_images_of_one_request_have_a_decoded_pixel_budget():
             "row 4; send fewer or smaller images per request"
         )
     assert ModelConfig().max_request_image_pixels == 2 * 8 * ModelConfig().max_pixels  # two full batches of the largest
+
+
+def test_the_prompts_of_one_request_have_a_character_budget():
+    """Tokenizing and weighting cost ~1-10 µs per character: 9,999 weighted 3,630-character prompts parsed
+    for minutes. The budget refuses such a request before any row is tokenized."""
+    rows = frame(*[{"prompt": "(cat:1.1) " * 363}] * 30)
+    with pytest.raises(
+        MlflowException, match=r"108900 characters, over the budget of 100000.*max_request_prompt_chars"
+    ):
+        parse_request(rows, FAST, ModelConfig())
+    assert len(parse_request(rows, FAST, ModelConfig(max_request_prompt_chars=200_000)).rows) == 30
+    negative = frame(*[{"prompt": "a"}] * 3)
+    with pytest.raises(MlflowException, match=r"max_request_prompt_chars"):
+        parse_request(negative, FAST | {"negative_prompt": "x" * 40}, ModelConfig(max_request_prompt_chars=100))
+
+
+def test_the_cheap_checks_of_every_row_run_before_any_image_is_decoded():
+    """With on_error=raise an empty prompt in the last row fails before row 0's image is even decoded."""
+    rows = frame({"prompt": "a", "image": "!!"}, {"prompt": "b"}, {"prompt": "\u0000"})
+    with pytest.raises(RowError, match=r"^Row 2: 'prompt' is empty"):
+        parse_request(rows, FAST, ModelConfig())
+    kept = parse_request(rows, FAST | {"on_error": "null"}, ModelConfig()).rows  # each bad row keeps its own error
+    assert [r.reason if isinstance(r, RowError) else None for r in kept][::2] == [
+        "'image': not valid base64: invalid character '!' at position 0",
+        "'prompt' is empty",
+    ]

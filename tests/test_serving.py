@@ -232,6 +232,13 @@ HOSTILE = [
         [f"{MAX_ROWS + 1} rows", f"limit of {MAX_ROWS}", "max_rows"],
     ),
     ("prompt over the length limit", records({"prompt": "a" * 5000}), ["Row 0", "'prompt' has 5000 characters"]),
+    ("NUL-only prompt", records({"prompt": "\u0000"}), ["Row 0", "'prompt' is empty"]),
+    ("control characters only", records({"prompt": "\u0001\t\u007f\u200b"}), ["Row 0", "'prompt' is empty"]),
+    (
+        "deep brackets inside a prompt string",
+        records({"prompt": "[" * 100_000}),
+        ["Row 0", "'prompt' has 100000 characters"],
+    ),
 ]
 
 
@@ -248,6 +255,23 @@ def test_hostile_request_gets_a_clear_400_and_the_server_keeps_serving(server, b
     assert "Traceback" not in response.text
 
     assert len(predictions(server.invoke(GOOD))) == 1  # a valid request right after succeeds
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"dataframe_records": [{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]}",
+        b'{"dataframe_records": [{"prompt": "a"}], "params": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+    ],
+    ids=["nested arrays", "nested objects in params"],
+)
+def test_json_nested_past_pythons_recursion_limit_is_mlflows_own_500_before_the_model(server, body):
+    """MLflow's scoring server parses the body before the model sees it: JSON nested ~50,000 deep makes its
+    parser raise RecursionError, answered by the server itself as a plain-text 500 (docs/limits.md)."""
+    response = server.invoke(body)
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    assert len(predictions(server.invoke(GOOD))) == 1
 
 
 def test_concurrent_load_matches_sequential_twins_without_errors_or_memory_growth(server):
