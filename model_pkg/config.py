@@ -62,6 +62,13 @@ class ModelConfig(BaseModel):
             raise ValueError(f"unknown image format(s) {unknown}; Pillow opens {sorted(Image.OPEN)}")
         return formats
 
+    request_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="how long one request may take, from its arrival: a request estimated to take longer is "
+        "refused up front (400), one running past it stops between denoising steps (504); 0: no deadline; "
+        "null (default): the serving platform's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where it is set, else none",
+    )
     # Speed and memory (applied once at load: pipelines.apply_options); the defaults are plain diffusers.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")
     channels_last: bool = Field(False, description="UNets and VAE in channels_last memory format")
@@ -84,6 +91,8 @@ def load_model_config(raw: dict[str, Any] | None, environ: dict[str, str] | None
     for key in ("device", "dtype"):
         if environ.get(f"SDXL_{key.upper()}"):
             values[key] = environ[f"SDXL_{key.upper()}"]
+    if values.get("request_timeout_s") is None and environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"):
+        values["request_timeout_s"] = environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"]  # `mlflow models serve -t`
     try:
         return ModelConfig.model_validate(values)
     except ValidationError as e:

@@ -329,3 +329,18 @@ def test_generate_dockerfile(registry, tmp_path):
     assert (model_dir / "MLmodel").is_file()
     assert (model_dir / "code" / "model_pkg" / "model.py").is_file()  # self-contained: carries model_pkg
     assert "torch==2.13.0" in (model_dir / "requirements.txt").read_text()
+
+
+def test_a_request_that_cannot_finish_within_the_servers_timeout_is_refused_up_front(registry):
+    """``-t 5``: the model takes its deadline from the server's timeout and its cost calibration (measured at
+    load): four 1024² rows are a 400 giving the estimate and the limit, in well under the timeout, and the
+    next small request does not wait behind work nobody would read (before: 504, and the next waited)."""
+    env = {"MLFLOW_TRACKING_URI": registry}
+    with ScoringServer(f"models:/{NAME}@{ALIAS}", env=env, timeout_s=5) as server:
+        big = {"dataframe_records": [{"prompt": "a cat"}] * 4, "params": {"height": 1024, "width": 1024}}
+        refused = server.invoke({**big, "params": {**big["params"], "num_inference_steps": 8}}, timeout=30)
+        assert refused.status_code == 400, refused.text[:2000]
+        message = refused.json()["message"]
+        assert "would take about" in message and "of its 5 s limit (request_timeout_s)" in message
+        assert len(predictions(server.invoke(GOOD, timeout=30))) == 1
+        assert "cost calibration at 256²" in server.log.read_text(errors="replace")
