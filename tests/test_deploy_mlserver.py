@@ -4,7 +4,13 @@ requirements). The artifact carries its ``model-settings.json`` and runtime clas
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -148,3 +154,44 @@ def test_a_datatype_v2_does_not_have_is_mlservers_own_422_before_the_runtime(ser
     response = server.infer(v2(column("prompt", ["a"], "STRING"), **FAST))
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "inputs", 0, "datatype"]
+
+
+def test_sigterm_mid_request_with_parallel_workers_0_finishes_the_request_and_exits(venv, artifact, tmp_path):
+    """What ``deploy/kserve/serving-runtime.yaml`` sets (``MLSERVER_PARALLEL_WORKERS=0``): SIGTERM while a
+    request runs → that request answers 200, then the server exits (docs/deploy-mlserver.md)."""
+    http = free_port()
+    env = server_env(
+        venv,
+        MLSERVER_HOST="127.0.0.1",
+        MLSERVER_HTTP_PORT=str(http),
+        MLSERVER_GRPC_PORT=str(free_port()),
+        MLSERVER_METRICS_PORT=str(free_port()),
+        MLSERVER_PARALLEL_WORKERS="1",
+    )
+    url = f"http://127.0.0.1:{http}"
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "mlserver"), "start", str(artifact)], stdout=out, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/v2/models/sdxl/ready", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.5)
+        body = v2(column("prompt", ["a cat"] * 4), num_inference_steps=20, height=256, width=256)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.post, f"{url}/v2/models/sdxl/infer", json=body, timeout=300)
+            time.sleep(2)
+            assert not pending.done()  # still generating when the signal comes
+            proc.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=60)
+        assert response.status_code == 200, response.text[:2000]
+        assert proc.wait(timeout=60) is not None  # and the server exits after it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
