@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from model_pkg.contract import check_columns
+
 
 def azure_request_to_frame(body: dict[str, Any] | str) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The model input and params of an Azure request (a dict, or its JSON text).
@@ -22,7 +24,12 @@ def azure_request_to_frame(body: dict[str, Any] | str) -> tuple[pd.DataFrame, di
     for text that is not JSON or rows that do not fit the columns.
     """
     if isinstance(body, str):
-        body = json.loads(body)
+        try:
+            body = json.loads(body)
+        except RecursionError:  # Python's JSON parser recurses per level (~50,000 levels exhaust it)
+            raise MlflowException.invalid_parameter_value(
+                "The request body is nested deeper than JSON parsing allows"
+            ) from None
     if not isinstance(body, dict) or not isinstance(body.get("input_data"), dict):
         raise MlflowException.invalid_parameter_value(
             'An Azure request is {"input_data": {"columns": [...], "data": [...]}} (optionally "params")'
@@ -33,7 +40,10 @@ def azure_request_to_frame(body: dict[str, Any] | str) -> tuple[pd.DataFrame, di
         raise MlflowException.invalid_parameter_value("'input_data.data' must be a list of rows")
     columns = data.get("columns")
     if columns is None and rows and isinstance(rows[0], dict):
-        columns = list(dict.fromkeys(k for row in rows for k in row))
+        columns = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    if columns is not None and not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+        raise MlflowException.invalid_parameter_value("'input_data.columns' must be a list of column names (strings)")
+    check_columns(columns or [])
     frame = pd.DataFrame(rows, columns=columns)
     if "index" in data:
         frame.index = data["index"]

@@ -32,6 +32,12 @@ class ModelConfig(BaseModel):
     max_rows: int = Field(10_000, ge=1, description="largest number of rows in one predict call")
     max_batch_size: int = Field(8, ge=1, description="most rows sent to the pipeline in one call")
     max_prompt_chars: int = Field(4_000, ge=1, description="longest prompt / negative_prompt, in characters")
+    max_request_prompt_chars: int = Field(
+        100_000,
+        ge=1,
+        description="characters of all prompts and negative prompts of one request: bounds its parsing time "
+        "(tokenizing, prompt weighting) to about a second (docs/limits.md)",
+    )
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")
     max_request_image_pixels: int = Field(
@@ -56,6 +62,13 @@ class ModelConfig(BaseModel):
             raise ValueError(f"unknown image format(s) {unknown}; Pillow opens {sorted(Image.OPEN)}")
         return formats
 
+    request_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="how long one request may take, from its arrival: a request estimated to take longer is "
+        "refused up front (400), one running past it stops between denoising steps (504); 0: no deadline; "
+        "null (default): the serving platform's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where it is set, else none",
+    )
     # Speed and memory (applied once at load: pipelines.apply_options); the defaults are plain diffusers.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")
     channels_last: bool = Field(False, description="UNets and VAE in channels_last memory format")
@@ -78,6 +91,8 @@ def load_model_config(raw: dict[str, Any] | None, environ: dict[str, str] | None
     for key in ("device", "dtype"):
         if environ.get(f"SDXL_{key.upper()}"):
             values[key] = environ[f"SDXL_{key.upper()}"]
+    if values.get("request_timeout_s") is None and environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"):
+        values["request_timeout_s"] = environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"]  # `mlflow models serve -t`
     try:
         return ModelConfig.model_validate(values)
     except ValidationError as e:

@@ -88,6 +88,17 @@ ROW_FIELDS = (
     "lora_scale",
 )
 
+# Every input column the model reads; others are dropped by MLflow's schema enforcement (see docs/limits.md).
+INPUT_COLUMNS = ("prompt", *IMAGE_COLUMNS, *ROW_FIELDS)
+
+
+def check_columns(columns: list[str]) -> None:
+    """Refuse a column the model does not read (a typo would otherwise be dropped without a word)."""
+    if unknown := [c for c in columns if c not in INPUT_COLUMNS]:
+        raise MlflowException.invalid_parameter_value(
+            f"Column '{unknown[0]}' is unknown; the model's columns are {', '.join(INPUT_COLUMNS)}"
+        )
+
 
 class GenerationParams(BaseModel):
     """Per-request generation params; rows may override :data:`ROW_FIELDS`."""

@@ -36,6 +36,10 @@ def reproduction_request(row: RowSpec) -> dict[str, Any]:
     return {"dataframe_records": [record], "params": dict(sorted(params.items()))}
 
 
+# a line break in a prompt would start a line of its own (a forged "Negative prompt:" or "Key: value" line)
+_BREAKS = str.maketrans({"\n": r"\n", "\r": r"\r", "\x85": r"\x85", "\u2028": r"\u2028", "\u2029": r"\u2029"})
+
+
 def _summary(row: RowSpec, model: dict[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
     s = row.settings
@@ -53,9 +57,9 @@ def _summary(row: RowSpec, model: dict[str, Any]) -> str:
         "Lora": format_selection(s.lora) or None,
         "Mask blur": s.mask_blur if row.mask is not None else None,
     }
-    lines = [row.prompt]
+    lines = [row.prompt.translate(_BREAKS)]
     if row.negative_prompt:
-        lines.append(f"Negative prompt: {row.negative_prompt}")
+        lines.append(f"Negative prompt: {row.negative_prompt.translate(_BREAKS)}")
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items() if v is not None))
     return "\n".join(lines)
 

@@ -16,22 +16,23 @@ own image; with ``"raise"`` the failure ends the request with the rows it concer
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR
 from PIL import Image
 
 from model_pkg.catalog import Catalog
 from model_pkg.config import load_model_config
 from model_pkg.contract import RowResult, output_frame
-from model_pkg.generation import generate_batch, warm_up
+from model_pkg.generation import calibrate, generate_batch, warm_up
 from model_pkg.images import encode_output
 from model_pkg.metadata import png_text
 from model_pkg.pipelines import Pipelines, load_pipelines, warn_if_task_moved
-from model_pkg.plan import plan_batches
+from model_pkg.plan import plan_batches, stage_steps
 from model_pkg.prompts import truncation_warnings
 from model_pkg.request import RowError, check_whole_request, parse_request
 from model_pkg.safety import filter_images
@@ -51,6 +52,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
         # each call, and the fast CLIP tokenizers (used while parsing and generating) are not
         # thread-safe (transformers#47085, "Already borrowed"). Scale with server workers.
         self._lock = threading.Lock()
+        self.cost = calibrate(self.pipelines, self.config) if self.config.request_timeout_s else None
         preserve_struct_nulls()  # in a Spark task only: on_error="null" rows keep real nulls (see spark_nulls.py)
 
     def check_request(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
@@ -62,6 +64,7 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row: ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed``."""
         pipes = self.pipelines
+        arrived = time.monotonic()  # the platform's timeout counts from here, waiting for the lock included
         warn_if_task_moved(pipes.device)
         with self._lock:
             # 1. parse: every row validated before anything runs; errors name the row and the field
@@ -73,10 +76,12 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
             errors = [e for e in request.rows if isinstance(e, RowError)]
             results = {e.row: RowResult(e.prompt, None, None, e.seed, e.reason) for e in errors}
 
-            # 2. plan: rows that share settings are one pipeline call
-            for batch in plan_batches(rows, self.config.max_batch_size):
+            # 2. plan: rows that share settings are one pipeline call; refused up front if it cannot finish
+            batches = plan_batches(rows, self.config.max_batch_size)
+            deadline = self._deadline(batches, arrived)
+            for batch in batches:
                 # 3. generate (a failing batch is retried row by row with on_error="null")
-                for done, outcome in _generate(pipes, batch, keep_going):
+                for done, outcome in _generate(pipes, batch, keep_going, deadline):
                     if isinstance(outcome, str):
                         results |= {r.index: RowResult(r.prompt, None, None, r.seed, outcome) for r in done}
                         continue
@@ -88,6 +93,30 @@ class SDXLModel(mlflow.pyfunc.PythonModel):
 
         # 6. frame: one output row per input row, in input order
         return output_frame([results[i] for i in range(len(request.rows))], with_errors=keep_going)
+
+    def estimate(self, batches: list[list[RowSpec]]) -> float:
+        """Seconds the batches take by the calibration at load: UNet steps × megapixels per row, plus per image."""
+        per_step, per_image = self.cost
+        total = 0.0
+        for batch in batches:
+            s = batch[0].settings
+            steps = sum(stage_steps(s, self.pipelines.catalog.schedulers).values())
+            total += len(batch) * s.width * s.height / 1e6 * (per_step * steps + per_image)
+        return total
+
+    def _deadline(self, batches: list[list[RowSpec]], arrived: float) -> float | None:
+        """The monotonic time the request must end by (None: no limit); a 400 when the estimate does not fit."""
+        limit = self.config.request_timeout_s
+        if not limit or self.cost is None:
+            return None
+        estimate, left = self.estimate(batches), limit - (time.monotonic() - arrived)
+        if estimate > left:
+            raise MlflowException.invalid_parameter_value(
+                f"The request would take about {estimate:.1f} s on this server (estimated from its calibration: "
+                f"{self.cost[0]:.3f} s per UNet step per megapixel), over the {left:.1f} s left of its "
+                f"{limit:g} s limit (request_timeout_s); send fewer rows, fewer steps or smaller images"
+            )
+        return arrived + limit
 
 
 def encode_result(
@@ -106,11 +135,22 @@ def encode_result(
 
 
 def _generate(
-    pipes: Pipelines, batch: list[RowSpec], keep_going: bool
+    pipes: Pipelines, batch: list[RowSpec], keep_going: bool, deadline: float | None = None
 ) -> list[tuple[list[RowSpec], list[Image.Image] | str]]:
-    """(rows, images) pairs, or (rows, error message) for rows that failed alone."""
+    """(rows, images) pairs, or (rows, error message) for rows that failed alone. Past ``deadline`` the
+    pipeline stops at its next step (diffusers' ``interrupt``) and the request ends with a 504."""
+
+    def stop_late(stage: str, step: int, pipe: Any) -> None:
+        if time.monotonic() > deadline:
+            pipe._interrupt = True  # read by the denoising loop of every diffusers SDXL pipeline
+
     try:
-        return [(batch, generate_batch(pipes, batch))]
+        images = generate_batch(pipes, batch, stop_late if deadline else None)
+        if deadline and time.monotonic() > deadline:
+            raise MlflowException("The request passed its deadline (request_timeout_s)", DEADLINE_EXCEEDED)
+        return [(batch, images)]
+    except MlflowException:
+        raise  # the deadline: no retry, nobody waits for these rows any more
     except Exception as e:
         if not keep_going:
             rows = ", ".join(str(r.index) for r in batch)
@@ -119,7 +159,7 @@ def _generate(
             ) from e
         if len(batch) == 1:
             return [(batch, f"generation failed: {type(e).__name__}: {e}")]
-        return [pair for row in batch for pair in _generate(pipes, [row], keep_going)]
+        return [pair for row in batch for pair in _generate(pipes, [row], keep_going, deadline)]
 
 
 mlflow.models.set_model(SDXLModel())

@@ -6,6 +6,7 @@ Everything a user can get wrong is checked here, before any pipeline runs, and r
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
@@ -182,6 +183,10 @@ def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.I
     return binary
 
 
+# a visible character: not whitespace, not a C0/C1 control, not a zero-width / direction mark or BOM
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2060\ufeff]")
+
+
 def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
     if is_missing(value):
         if required:
@@ -190,7 +195,7 @@ def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
     if not isinstance(value, str):
         hint = " (pass a pandas DataFrame, one row per image)" if isinstance(value, (list, np.ndarray)) else ""
         raise ValueError(f"'{field}' must be a string, got {type(value).__name__}{hint}")
-    if required and not value.strip():
+    if required and not _VISIBLE.search(value):  # "\u0000" alone is empty
         raise ValueError(f"'{field}' is empty")
     if len(value) > limits.max_prompt_chars:
         raise ValueError(
@@ -270,9 +275,11 @@ def parse_request(
     """Validate a whole request. With ``on_error="raise"`` the first bad row raises with its row number;
     with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
     request, frame = check_whole_request(model_input, params, limits, catalog)
+    records = frame.to_dict("records")
+    _cheap_checks(records, request, limits)
     rows: list[RowSpec | RowError] = []
     image_pixels = 0  # decoded input images are held until the request ends: bounded per request
-    for i, record in enumerate(frame.to_dict("records")):
+    for i, record in enumerate(records):
         try:
             row = parse_row(i, record, request, limits, catalog)
         except RowError as e:
@@ -288,6 +295,26 @@ def parse_request(
             )
         rows.append(row)
     return Request(request, rows)
+
+
+def _cheap_checks(records: list[dict[str, Any]], request: GenerationParams, limits: ModelConfig) -> None:
+    """Before any row is tokenized, weighted or decoded: the request's prompt-character budget, and (with
+    ``on_error="raise"``) each row's prompt checks, so a bad last row fails in milliseconds, not minutes."""
+    total = 0
+    for i, record in enumerate(records):
+        prompt, negative = record.get("prompt"), record.get("negative_prompt")
+        negative = request.negative_prompt if is_missing(negative) else negative
+        total += sum(len(text) for text in (prompt, negative) if isinstance(text, str))
+        if request.on_error == "raise":
+            try:
+                _prompt(prompt, "prompt", limits, required=True)
+            except ValueError as e:
+                raise RowError(i, str(e), prompt if isinstance(prompt, str) else None) from None
+    if total > limits.max_request_prompt_chars:
+        raise MlflowException.invalid_parameter_value(
+            f"The request's prompts and negative prompts have {total} characters, over the budget of "
+            f"{limits.max_request_prompt_chars} per request (max_request_prompt_chars); send fewer rows per request"
+        )
 
 
 def check_whole_request(

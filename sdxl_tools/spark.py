@@ -46,14 +46,13 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, DataType, LongType, StringType, StructField, StructType
 
-from model_pkg.contract import ERROR_COLUMN, IMAGE_COLUMNS, OUTPUT_COLUMNS, ROW_FIELDS
+from model_pkg.contract import ERROR_COLUMN, INPUT_COLUMNS, OUTPUT_COLUMNS
 from sdxl_tools.signature import output_schema
 
 # The struct type to pass as spark_udf(result_type=...): the signature's output columns, as DDL.
 _DDL = {c.name: f"{c.name} {c.type.name}" for c in output_schema().inputs}
 SPARK_RESULT_TYPE = ", ".join(_DDL[c] for c in OUTPUT_COLUMNS)
 SPARK_RESULT_TYPE_WITH_ERRORS = f"{SPARK_RESULT_TYPE}, {_DDL[ERROR_COLUMN]}"  # for params={"on_error": "null"}
-INPUT_COLUMNS = ("prompt", *IMAGE_COLUMNS, *ROW_FIELDS)
 _TYPES: dict[str, DataType] = {"string": StringType(), "boolean": BooleanType(), "long": LongType()}
 
 

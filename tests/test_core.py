@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,10 +16,11 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from model_pkg.config import ModelConfig
-from model_pkg.contract import OUTPUT_COLUMNS
+from model_pkg.contract import OUTPUT_COLUMNS, Mode
 from model_pkg.generation import generate_batch
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
+from model_pkg.spec import Settings
 from sdxl_tools.artifact import log_artifact
 from sdxl_tools.client import azure_request_to_frame, b64_to_image, to_azure_response
 from sdxl_tools.staging import stage_components
@@ -262,3 +265,67 @@ def test_a_failing_row_keeps_the_seed_it_was_given(model):
 
 def seeds(out: pd.DataFrame) -> list[int | None]:
     return [None if pd.isna(s) else int(s) for s in out["seed"]]
+
+
+@pytest.mark.parametrize("mode", ["ensemble", "sequential"])
+def test_the_refiner_runs_with_its_own_guidance_scale_refiner(model, raw, mode):
+    """``guidance_scale_refiner`` reaches the refiner's call (and only it), as in raw diffusers."""
+    base, refiner = raw
+    prompt, seed = "a yellow cat on a bench", 5
+    params = FAST | {"refiner": mode, "guidance_scale": 5.0, "guidance_scale_refiner": 1.5}
+    ours = pixels(model.predict(frame({"prompt": prompt, "seed": seed}), params=params)["generated_image"][0])
+
+    g = torch.Generator().manual_seed(seed)
+    args = dict(prompt=prompt, height=64, width=64, num_inference_steps=10, generator=g, guidance_scale=5.0)
+    if mode == "ensemble":
+        latents = base(**args, denoising_end=0.8, output_type="latent").images
+        cut = dict(denoising_start=0.8, num_inference_steps=10)
+    else:
+        latents = base(**args, output_type="latent").images
+        cut = dict(strength=0.3, num_inference_steps=10)
+    theirs = refiner(prompt=prompt, image=latents, generator=g, guidance_scale=1.5, **cut).images[0]
+    np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.int16))
+    inherited = model.predict(frame({"prompt": prompt, "seed": seed}), params=params | {"guidance_scale_refiner": -1})
+    assert not np.array_equal(ours, pixels(inherited["generated_image"][0]))
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Settings)])
+def test_rows_differing_in_any_one_setting_are_never_batched_together(field):
+    """Every field of ``Settings`` is part of the batching key: one call runs one value of each."""
+    row = parse_request(frame({"prompt": "a"}), FAST, ModelConfig()).rows[0]
+    value = getattr(row.settings, field)
+    special = {"mode": Mode.SEQUENTIAL, "lora": (("toy", 0.5),)}
+    other = {bool: lambda v: not v, int: lambda v: v + 8, float: lambda v: v / 2 + 0.3, str: lambda v: v + "x"}
+    changed = special[field] if field in special else other[type(value)](value)
+    twin = dataclasses.replace(row, index=1, settings=dataclasses.replace(row.settings, **{field: changed}))
+    assert [[r.index for r in batch] for batch in plan_batches([row, twin], 8)] == [[0], [1]]
+
+
+def test_rows_differing_in_guidance_scale_run_as_two_calls_each_equal_to_its_own(model):
+    rows = frame({"prompt": "a cat", "seed": 1}, {"prompt": "a cat", "seed": 1, "guidance_scale": 9.0})
+    _, batches = count_steps(model, rows, FAST | {"refiner": "none"})
+    assert batches == 2
+    out = model.predict(rows, params=FAST | {"refiner": "none"})
+    alone = model.predict(rows.iloc[[1]], params=FAST | {"refiner": "none"})
+    assert out["generated_image"][1] == alone["generated_image"][0] != out["generated_image"][0]
+
+
+def test_a_generation_failure_in_a_batch_with_on_error_null_costs_only_its_own_row(model, monkeypatch):
+    """The batch is retried row by row: the failing row gets its error, the others their images. The failure
+    is a real one from torch (a seed past the generator's range: ValueError) raised inside the real pipeline call."""
+    model_module = sys.modules[type(model.unwrap_python_model()).__module__]  # models-from-code loads its file
+    real = model_module.generate_batch
+
+    def one_row_overflows(pipes, rows, on_step=None):
+        poisoned = [dataclasses.replace(r, seed=2**64) if r.prompt == "poison" else r for r in rows]
+        return real(pipes, poisoned, on_step)
+
+    monkeypatch.setattr(model_module, "generate_batch", one_row_overflows)
+    rows = frame({"prompt": "a cat", "seed": 1}, {"prompt": "poison", "seed": 2}, {"prompt": "a dog", "seed": 3})
+    out = model.predict(rows, params=FAST | {"on_error": "null"})
+    assert out["generated_image"].notna().tolist() == [True, False, True]
+    assert out["error"][1].startswith("generation failed: ValueError: Overflow") and out["seed"][1] == 2
+    for i in (0, 2):  # retried alone: each is exactly its single-row image
+        assert out["generated_image"][i] == model.predict(rows.iloc[[i]], params=FAST)["generated_image"][0]
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^Rows 0, 1, 2: generation failed"):
+        model.predict(rows, params=FAST)

@@ -152,6 +152,23 @@ def test_our_scoring_script_reads_azures_sample_client_images(scoring_script):
         ({"inputs": {"prompt": ["a cat"]}}, ["input_data"]),
         ("not json", ["not an Azure ML input_data request"]),
         ('{"input_data": {"columns": ["prompt"], "data": [["a cat"],]}}', ["not an Azure ML input_data request"]),
+        (
+            '{"input_data": {"columns": ["prompt"], "data": [' + "[" * 50_000 + "]" * 50_000 + "]}}",
+            ["nested deeper than"],
+        ),
+        (
+            '{"input_data": {"columns": ["prompt"], "data": [["a"]]}, "params": '
+            + '{"a": ' * 50_000
+            + "1"
+            + "}" * 50_001,
+            ["nested deeper than"],
+        ),
+        ({"input_data": {"columns": [{"a": 1}], "data": [["a cat"]]}}, ["'input_data.columns'", "strings"]),
+        (
+            {"input_data": {"columns": ["prompt", "negative_promt"], "data": [["a cat", "blurry"]]}, "params": PARAMS},
+            ["'negative_promt' is unknown", "negative_prompt"],
+        ),
+        ({"input_data": {"data": [{"prompt": "a cat", "sed": 3}]}, "params": PARAMS}, ["'sed' is unknown"]),
     ],
     ids=[
         "bad image in row 1",
@@ -160,6 +177,11 @@ def test_our_scoring_script_reads_azures_sample_client_images(scoring_script):
         "no input_data",
         "not JSON",
         "trailing comma",
+        "nested arrays",
+        "nested objects in params",
+        "a column that is an object",
+        "a typo in columns",
+        "a typo in an object row",
     ],
 )
 def test_our_scoring_script_answers_bad_input_with_400_and_keeps_serving(scoring_script, body, expected):

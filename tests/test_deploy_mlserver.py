@@ -4,7 +4,13 @@ requirements). The artifact carries its ``model-settings.json`` and runtime clas
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,3 +123,75 @@ def test_bad_input_is_a_400_naming_the_row_and_field_and_the_server_keeps_servin
     bad_param = server.infer(v2(column("prompt", ["a cat"]), num_inference_steps=0))
     assert bad_param.status_code == 400 and "num_inference_steps" in bad_param.text
     assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
+
+
+# (case id, V2 inputs, substrings of the 400's message): each failed inside MLServer's codecs or was silently
+# misread before the runtime checked the raw request
+BAD_V2 = [
+    ("seed past INT64", [column("prompt", ["a"]), column("seed", [2**63], "INT64")], ["'seed'", "INT64"]),
+    ("seed past INT8", [column("prompt", ["a"]), column("seed", [300], "INT8")], ["'seed'", "INT8"]),
+    ("float in INT64", [column("prompt", ["a"]), column("seed", [1.5], "INT64")], ["'seed'", "INT64"]),
+    ("text in INT64", [column("prompt", ["a"]), column("seed", ["x"], "INT64")], ["'seed'", "INT64"]),
+    ("prompt sent as INT64", [column("prompt", [5], "INT64")], ["'prompt'", "BYTES"]),
+    ("2 prompts and 1 seed", [column("prompt", ["a", "b"]), column("seed", [1], "INT64")], ["'seed'", "1 row", "2"]),
+    ("nested prompt", [{**column("prompt", [["a", "b"]]), "shape": [1]}], ["'prompt'", "shape [1]", "2 values"]),
+    ("shape not data", [{**column("prompt", ["a"]), "shape": [3]}], ["'prompt'", "shape [3]", "1 value"]),
+    ("typo in a column", [column("prompt", ["a"]), column("negative_promt", ["x"])], ["'negative_promt'", "unknown"]),
+]
+
+
+@pytest.mark.parametrize("inputs, expected", [c[1:] for c in BAD_V2], ids=[c[0] for c in BAD_V2])
+def test_malformed_v2_inputs_are_a_400_naming_the_input_and_the_server_keeps_serving(server, inputs, expected):
+    response = server.infer(v2(*inputs, **FAST))
+    assert response.status_code == 400, response.text[:2000]
+    for text in expected:
+        assert text in response.json()["error"]
+    assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
+
+
+def test_a_datatype_v2_does_not_have_is_mlservers_own_422_before_the_runtime(server):
+    """MLServer validates the body's types (pydantic) before any runtime code runs (docs/deploy-mlserver.md)."""
+    response = server.infer(v2(column("prompt", ["a"], "STRING"), **FAST))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "inputs", 0, "datatype"]
+
+
+def test_sigterm_mid_request_with_parallel_workers_0_finishes_the_request_and_exits(venv, artifact, tmp_path):
+    """What ``deploy/kserve/serving-runtime.yaml`` sets (``MLSERVER_PARALLEL_WORKERS=0``): SIGTERM while a
+    request runs → that request answers 200, then the server exits (docs/deploy-mlserver.md)."""
+    http = free_port()
+    env = server_env(
+        venv,
+        MLSERVER_HOST="127.0.0.1",
+        MLSERVER_HTTP_PORT=str(http),
+        MLSERVER_GRPC_PORT=str(free_port()),
+        MLSERVER_METRICS_PORT=str(free_port()),
+        MLSERVER_PARALLEL_WORKERS="1",
+    )
+    url = f"http://127.0.0.1:{http}"
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "mlserver"), "start", str(artifact)], stdout=out, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/v2/models/sdxl/ready", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.5)
+        body = v2(column("prompt", ["a cat"] * 4), num_inference_steps=20, height=256, width=256)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.post, f"{url}/v2/models/sdxl/infer", json=body, timeout=300)
+            time.sleep(2)
+            assert not pending.done()  # still generating when the signal comes
+            proc.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=60)
+        assert response.status_code == 200, response.text[:2000]
+        assert proc.wait(timeout=60) is not None  # and the server exits after it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

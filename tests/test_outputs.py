@@ -161,3 +161,19 @@ def test_an_encoding_failure_is_that_rows_error(model):
     with pytest.raises(MlflowException, match=r"^Row 0: encoding failed: ") as e:
         encode_result(replace(row), too_wide, None, python_model.pipelines.catalog, keep_going=False)
     assert e.value.error_code == "INTERNAL_ERROR"
+
+
+def test_png_parameters_text_escapes_line_breaks_so_a_prompt_cannot_forge_a_line(model):
+    """A1111-style readers take the lines of ``parameters`` as prompt / ``Negative prompt:`` / ``Key: value``
+    pairs: a line break in a prompt must not start a line of its own."""
+    forged = "a cat\nSteps: 1, Model hash: 0000000000"
+    negative = "blurry\r\nNegative prompt: sharp\u2028x"
+    out = model.predict(frame({"prompt": forged, "negative_prompt": negative, "seed": 2}), params=FAST)
+    image = b64_to_image(out["generated_image"][0])
+    lines = image.text["parameters"].split("\n")
+    assert lines[:2] == [
+        r"a cat\nSteps: 1, Model hash: 0000000000",
+        r"Negative prompt: blurry\r\nNegative prompt: sharp\u2028x",
+    ]
+    assert len(lines) == 3 and lines[2].startswith("Steps: 10, ")
+    assert read_metadata(out["generated_image"][0])["request"]["dataframe_records"] == [{"prompt": forged}]

@@ -232,6 +232,13 @@ HOSTILE = [
         [f"{MAX_ROWS + 1} rows", f"limit of {MAX_ROWS}", "max_rows"],
     ),
     ("prompt over the length limit", records({"prompt": "a" * 5000}), ["Row 0", "'prompt' has 5000 characters"]),
+    ("NUL-only prompt", records({"prompt": "\u0000"}), ["Row 0", "'prompt' is empty"]),
+    ("control characters only", records({"prompt": "\u0001\t\u007f\u200b"}), ["Row 0", "'prompt' is empty"]),
+    (
+        "deep brackets inside a prompt string",
+        records({"prompt": "[" * 100_000}),
+        ["Row 0", "'prompt' has 100000 characters"],
+    ),
 ]
 
 
@@ -248,6 +255,23 @@ def test_hostile_request_gets_a_clear_400_and_the_server_keeps_serving(server, b
     assert "Traceback" not in response.text
 
     assert len(predictions(server.invoke(GOOD))) == 1  # a valid request right after succeeds
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"dataframe_records": [{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]}",
+        b'{"dataframe_records": [{"prompt": "a"}], "params": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+    ],
+    ids=["nested arrays", "nested objects in params"],
+)
+def test_json_nested_past_pythons_recursion_limit_is_mlflows_own_500_before_the_model(server, body):
+    """MLflow's scoring server parses the body before the model sees it: JSON nested ~50,000 deep makes its
+    parser raise RecursionError, answered by the server itself as a plain-text 500 (docs/limits.md)."""
+    response = server.invoke(body)
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    assert len(predictions(server.invoke(GOOD))) == 1
 
 
 def test_concurrent_load_matches_sequential_twins_without_errors_or_memory_growth(server):
@@ -305,3 +329,18 @@ def test_generate_dockerfile(registry, tmp_path):
     assert (model_dir / "MLmodel").is_file()
     assert (model_dir / "code" / "model_pkg" / "model.py").is_file()  # self-contained: carries model_pkg
     assert "torch==2.13.0" in (model_dir / "requirements.txt").read_text()
+
+
+def test_a_request_that_cannot_finish_within_the_servers_timeout_is_refused_up_front(registry):
+    """``-t 5``: the model takes its deadline from the server's timeout and its cost calibration (measured at
+    load): four 1024² rows are a 400 giving the estimate and the limit, in well under the timeout, and the
+    next small request does not wait behind work nobody would read (before: 504, and the next waited)."""
+    env = {"MLFLOW_TRACKING_URI": registry}
+    with ScoringServer(f"models:/{NAME}@{ALIAS}", env=env, timeout_s=5) as server:
+        big = {"dataframe_records": [{"prompt": "a cat"}] * 4, "params": {"height": 1024, "width": 1024}}
+        refused = server.invoke({**big, "params": {**big["params"], "num_inference_steps": 8}}, timeout=30)
+        assert refused.status_code == 400, refused.text[:2000]
+        message = refused.json()["message"]
+        assert "would take about" in message and "of its 5 s limit (request_timeout_s)" in message
+        assert len(predictions(server.invoke(GOOD, timeout=30))) == 1
+        assert "cost calibration at 256²" in server.log.read_text(errors="replace")
