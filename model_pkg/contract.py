@@ -61,6 +61,10 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 # Per-row image columns (base64 / data URI): the starting image and, to inpaint it, its mask.
 IMAGE_COLUMNS = ("image", "mask")
 
+# Where an inpainting row's mask comes from (Stability's mask sources): the mask column, either way round,
+# or the image's alpha channel.
+MASK_SOURCES = ("mask_white", "mask_black", "image_alpha")
+
 # What strength=-1 (the default) means for each kind of pass.
 INPAINT_STRENGTH = 1.0  # inpainting: the masked area starts from pure noise, as users of inpainting tools expect
 IMG2IMG_STRENGTH = 0.3  # image-to-image: image rows (the refiner) and the sequential refiner pass
@@ -117,6 +121,11 @@ class GenerationParams(BaseModel):
     )
     mask_blur: int = Field(
         4, ge=0, le=64, description="inpainting: feathering of the mask's edge in pixels (Gaussian radius); 0 hard"
+    )
+    mask_source: Literal[MASK_SOURCES] = Field(  # type: ignore[valid-type]
+        "mask_white",
+        description="inpainting: mask_white (mask non-black = repaint), mask_black (mask black = repaint), "
+        "image_alpha (no mask column: the image's transparent pixels, alpha < 255, are repainted)",
     )
     negative_prompt: str = Field("", description="what not to draw")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")

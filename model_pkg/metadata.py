@@ -30,7 +30,7 @@ def reproduction_request(row: RowSpec) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": row.prompt}
     if row.image is not None:
         record["image"] = None  # not embedded: send the same input image again
-    if row.mask is not None:
+    if row.mask is not None and row.params.mask_source != "image_alpha":
         record["mask"] = None
     params = row.params.model_dump(mode="json", exclude=set(NOT_REPRODUCED))
     return {"dataframe_records": [record], "params": dict(sorted(params.items()))}

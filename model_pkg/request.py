@@ -151,24 +151,41 @@ def _image_given(value: Any) -> bool:
     return not is_missing(value) and not (isinstance(value, str) and not value.strip())
 
 
-def _image(value: Any, limits: ModelConfig, field: str = "image") -> Image.Image | None:
+def _image(value: Any, limits: ModelConfig, field: str = "image", alpha: bool = False) -> Image.Image | None:
     if not _image_given(value):
         return None
     if not isinstance(value, str):
         raise ValueError(f"'{field}' must be a base64 string, got {type(value).__name__}")
     try:
         return decode_image(
-            value, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, formats=limits.image_formats
+            value,
+            max_bytes=limits.max_image_bytes,
+            max_pixels=limits.max_image_pixels,
+            formats=limits.image_formats,
+            alpha=alpha,
         )
     except ImageError as e:
         raise ValueError(f"'{field}': {e}") from None
 
 
-def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.Image | None:
-    """The row's inpainting mask as a binary greyscale image (255 = repaint), or None."""
+def _mask(
+    value: Any, image: Image.Image | None, limits: ModelConfig, source: str
+) -> tuple[Image.Image | None, Image.Image | None]:
+    """The row's RGB image and its inpainting mask as a binary greyscale image (255 = repaint), or None."""
+    if source == "image_alpha":
+        if _image_given(value):
+            raise ValueError("'mask' is not used with 'mask_source' image_alpha (the image's alpha is the mask)")
+        if image is None:
+            return None, None
+        if image.mode != "RGBA":
+            raise ValueError("'image' has no alpha channel, but 'mask_source' is image_alpha; send an RGBA PNG/WebP")
+        binary = binary_mask(image, source)
+        if binary.getbbox() is None:
+            raise ValueError("'image' is opaque everywhere: nothing to repaint ('mask_source' image_alpha)")
+        return image.convert("RGB"), binary
     mask = _image(value, limits, "mask")
     if mask is None:
-        return None
+        return image, None
     if image is None:
         raise ValueError("'mask' needs an 'image' to inpaint; send the image the mask applies to")
     if mask.size != image.size:
@@ -176,10 +193,14 @@ def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.I
             f"'mask' is {mask.size[0]}×{mask.size[1]} but 'image' is {image.size[0]}×{image.size[1]}; "
             "they must be the same size"
         )
-    binary = binary_mask(mask)
+    binary = binary_mask(mask, source)
     if binary.getbbox() is None:
+        if source == "mask_black":
+            raise ValueError(
+                "'mask' has no black pixel: nothing to repaint ('mask_source' mask_black: black = repaint)"
+            )
         raise ValueError("'mask' is black everywhere: nothing to repaint (white = repaint, black = keep)")
-    return binary
+    return image, binary
 
 
 def _prompt(value: Any, field: str, limits: ModelConfig, required: bool) -> str:
@@ -217,8 +238,8 @@ def parse_row(
         except ValidationError as e:
             raise ValueError(format_error(e, "column").removeprefix("column ")) from None
         negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
-        image = _image(row.get("image"), limits)
-        mask = _mask(row.get("mask"), image, limits)
+        image = _image(row.get("image"), limits, alpha=params.mask_source == "image_alpha")
+        image, mask = _mask(row.get("mask"), image, limits, params.mask_source)
         seed = _given_seed(index, row, request)  # the seed column was validated with params
         if seed is None:
             seed = _random_seed()
@@ -322,6 +343,7 @@ def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelCo
     given = {c: frame[c].map(_image_given).astype(bool) if c in frame.columns else own & False for c in IMAGE_COLUMNS}
     modes = set()
     for image, mask in zip(given["image"][~own], given["mask"][~own], strict=True):
+        mask = mask or (image and request.mask_source == "image_alpha")
         mode = Mode(request.refiner) if mask or not image else Mode.IMG2IMG
         modes.add((mode, bool(image and mask)))
     try:
