@@ -2,7 +2,8 @@
 
 A mask is an image of the input's size: with ``mask_source`` ``mask_white`` (the default) any non-black
 pixel (after conversion to greyscale) is repainted, black is kept; ``mask_black`` is the reverse;
-``image_alpha`` takes the input image's alpha channel instead, repainting every pixel not fully opaque. Three images are derived from it per row:
+``image_alpha`` takes the input image's alpha channel instead, repainting every pixel not fully opaque.
+Three images are derived from it per row:
 
 - the **paste mask**: the binary mask feathered by a Gaussian blur of radius ``mask_blur`` (SD
   WebUI's "mask blur"). The output is ``generated × paste + input × (1 - paste)`` per pixel, so where
