@@ -6,6 +6,7 @@ Everything a user can get wrong is checked here, before any pipeline runs, and r
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,7 +18,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from pydantic import ValidationError
 
-from model_pkg.catalog import Catalog, check_request, resolve_row
+from model_pkg.catalog import Catalog, check_request, controlnets, resolve_row
 from model_pkg.config import ModelConfig
 from model_pkg.contract import (
     ASPECT_RATIOS,
@@ -33,6 +34,7 @@ from model_pkg.contract import (
     parse_params,
     resolve_strength,
 )
+from model_pkg.controlnet import control_map
 from model_pkg.images import ImageError, check_encodable, decode_image
 from model_pkg.lora import format_selection
 from model_pkg.masks import binary_mask, padded_size
@@ -246,6 +248,13 @@ def parse_row(
         settings = _row_settings(params, limits, image, mask)
         check_steps(settings, (catalog or Catalog()).schedulers)
         text = resolve_row(params, prompt, negative_prompt, catalog)
+        selection, control = controlnets(params, catalog), _image(row.get("control_image"), limits, "control_image")
+        if bool(selection) != (control is not None):
+            raise ValueError(
+                "'controlnet' needs a 'control_image' in the row"
+                if selection
+                else "'control_image' needs a ControlNet: name one in 'controlnet'"
+            )
     except ValueError as e:
         prompt = row.get("prompt")
         try:  # a failed row is returned with the seed it was given
@@ -254,6 +263,9 @@ def parse_row(
             seed = None
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None, seed) from None
     settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
+    if selection:
+        window = (params.control_guidance_start, params.control_guidance_end)
+        settings = replace(settings, controlnet=selection, control_guidance=window)
     resolved = dict(  # the reproduction request records the values the row was generated with
         seed=seed,
         height=settings.height,
@@ -263,7 +275,12 @@ def parse_row(
         watermark=text.watermark,
         lora=format_selection(text.param_lora),  # the prompt's <lora:...> tags stay in the prompt
         prompt_weighting="auto" if text.prompt_chunks else "off",
+        controlnet=format_selection(selection),
     )
+    if control is not None:
+        sha = hashlib.sha256(control.tobytes()).hexdigest()
+        low, high = params.canny_low_threshold, params.canny_high_threshold
+        control = control_map(control, (settings.width, settings.height), params.control_preprocess, low, high)
     return RowSpec(
         index,
         prompt,
@@ -275,6 +292,8 @@ def parse_row(
         text.prompt,
         text.negative_prompt,
         mask,
+        control,
+        sha if control is not None else "",
         params.model_copy(update=resolved),
     )
 
@@ -301,7 +320,8 @@ def parse_request(
                 raise
             rows.append(e)
             continue
-        image_pixels += sum(im.width * im.height for im in (row.image, row.mask) if im is not None)
+        held = (row.image, row.mask, row.control_image)
+        image_pixels += sum(im.width * im.height for im in held if im is not None)
         if image_pixels > limits.max_request_image_pixels:
             raise MlflowException.invalid_parameter_value(
                 f"The input images pass the request's budget of {limits.max_request_image_pixels} decoded "
