@@ -312,8 +312,9 @@ class Request:
 def parse_request(
     model_input: Any, params: dict | None, limits: ModelConfig, catalog: Catalog | None = None
 ) -> Request:
-    """Validate a whole request. With ``on_error="raise"`` the first bad row raises with its row number;
-    with ``"null"`` bad rows are kept as :class:`RowError` in their place."""
+    """Validate a whole request. With ``on_error="raise"`` the first row with a bad prompt raises (checked
+    over all rows first), else the first row that fails the rest; with ``"null"`` bad rows are kept as
+    :class:`RowError` in their place."""
     request, frame = check_whole_request(model_input, params, limits, catalog)
     records = frame.to_dict("records")
     _cheap_checks(records, request, limits)

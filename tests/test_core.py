@@ -243,8 +243,13 @@ def test_on_error_null_keeps_every_row_and_names_the_bad_ones(model):
     assert out["generated_image"][[0, 2]].tolist() == good["generated_image"].tolist()
 
 
-def test_on_error_raise_is_the_default_and_names_the_first_bad_row(model):
+def test_on_error_raise_is_the_default_and_names_the_first_bad_row_cheap_checks_first(model):
+    """The prompt checks run over every row before any row is fully parsed: a bad prompt is named first
+    (a bad last row fails at once); then the first row that fails the rest of its checks."""
     rows = frame({"prompt": "a cat"}, {"prompt": "a dog", "num_inference_steps": 0}, {"prompt": ""})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^Row 2: 'prompt' is empty"):
+        model.predict(rows, params=FAST)
+    rows = frame({"prompt": "a cat"}, {"prompt": "a dog", "num_inference_steps": 0}, {"prompt": "a hat", "width": 9})
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"^Row 1: 'num_inference_steps': Input should be"):
         model.predict(rows, params=FAST)
 
