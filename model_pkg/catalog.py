@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from model_pkg import lora, prompts
+from model_pkg.contract import MAX_CONTROLNET_SCALE
 from model_pkg.schedulers import sdxl_scheduler
 
 STYLES_FILE = "styles.json"
@@ -78,6 +79,7 @@ def load_styles(path: str | Path | None) -> StyleTable:
 class Catalog:
     styles: StyleTable = field(default_factory=StyleTable)
     loras: dict[str, str] = field(default_factory=dict)  # packaged adapter name → sha256
+    controlnets: dict[str, str] = field(default_factory=dict)  # packaged ControlNet name → sha256
     tokenizers: tuple[Any, ...] = ()  # the base's two tokenizers: for counting prompt windows
     watermarker: Any = None  # diffusers' StableDiffusionXLWatermarker when invisible-watermark is installed
     model_hash: str = ""  # sha256 over the components' hashes: which weights made an image
@@ -120,12 +122,14 @@ def load_catalog(
     loras: dict[str, dict[str, str]],
     hashes: dict[str, str],
     runtime: dict[str, str] | None = None,
+    controlnets: dict[str, dict[str, str]] | None = None,
 ) -> Catalog:
     """The artifact's style table, its LoRA adapters loaded into ``base`` (disabled), the watermarker;
     ``runtime``: the device and dtype the pipelines were loaded in."""
     return Catalog(
         styles=load_styles(root / styles) if styles else StyleTable(),
         loras=lora.load_loras(base, root, loras),
+        controlnets={name: entry["sha256"] for name, entry in (controlnets or {}).items()},
         tokenizers=tuple(t for t in (base.tokenizer, base.tokenizer_2) if t is not None),
         watermarker=make_watermarker(),
         model_hash=model_hash(hashes),
@@ -141,6 +145,21 @@ def check_request(params: Any, catalog: Catalog | None) -> None:
     except ValueError as e:
         raise ValueError(f"'style': {e}") from None
     lora.parse_selection(params.lora, params.lora_scale, catalog.loras)
+    controlnets(params, catalog)
+    if params.control_guidance_start >= params.control_guidance_end:
+        raise ValueError(
+            f"'control_guidance_start' {params.control_guidance_start} must be below 'control_guidance_end' "
+            f"{params.control_guidance_end}"
+        )
+    if params.canny_low_threshold > params.canny_high_threshold:
+        raise ValueError("'canny_low_threshold' must not be above 'canny_high_threshold'")
+
+
+def controlnets(params: Any, catalog: Catalog | None) -> lora.Selection:
+    """The ControlNets ``params`` select, with their scales; raises ``ValueError``."""
+    bounds = (0.0, MAX_CONTROLNET_SCALE)
+    spec, scale = params.controlnet, params.controlnet_conditioning_scale
+    return lora.parse_selection(spec, scale, (catalog or Catalog()).controlnets, "controlnet", bounds)
 
 
 def resolve_row(params: Any, prompt: str, negative_prompt: str, catalog: Catalog | None) -> RowText:

@@ -27,6 +27,7 @@ MAX_SEED = 2**32 - 1  # the seed range of the SDXL services; exact in float64 (p
 VAE_SCALE = 8  # SDXL's VAE downsamples by 8: sizes are multiples of it, one latent cell is 8×8 pixels
 MIN_SIDE = 64  # the smallest side of a generated (or input) image
 MAX_LORA_WEIGHT = 10.0  # LoRA adapter weights (lora_scale and NAME:WEIGHT) lie in [-10, 10]
+MAX_CONTROLNET_SCALE = 2.0  # ControlNet conditioning scales lie in [0, 2] (SD WebUI's control weight range)
 
 
 def is_missing(value: Any) -> bool:
@@ -58,8 +59,13 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 
-# Per-row image columns (base64 / data URI): the starting image and, to inpaint it, its mask.
-IMAGE_COLUMNS = ("image", "mask")
+# Per-row image columns (base64 / data URI): the starting image, to inpaint it its mask, and the ControlNet's
+# control image (every route that carries an image carries these).
+IMAGE_COLUMNS = ("image", "mask", "control_image")
+
+# Where an inpainting row's mask comes from (Stability's mask sources): the mask column, either way round,
+# or the image's alpha channel.
+MASK_SOURCES = ("mask_white", "mask_black", "image_alpha")
 
 # What strength=-1 (the default) means for each kind of pass.
 INPAINT_STRENGTH = 1.0  # inpainting: the masked area starts from pure noise, as users of inpainting tools expect
@@ -86,6 +92,8 @@ ROW_FIELDS = (
     "style",
     "lora",
     "lora_scale",
+    "controlnet",
+    "controlnet_conditioning_scale",
 )
 
 # Every input column the model reads; others are dropped by MLflow's schema enforcement (see docs/limits.md).
@@ -129,6 +137,11 @@ class GenerationParams(BaseModel):
     mask_blur: int = Field(
         4, ge=0, le=64, description="inpainting: feathering of the mask's edge in pixels (Gaussian radius); 0 hard"
     )
+    mask_source: Literal[MASK_SOURCES] = Field(  # type: ignore[valid-type]
+        "mask_white",
+        description="inpainting: mask_white (mask non-black = repaint), mask_black (mask black = repaint), "
+        "image_alpha (no mask column: the image's transparent pixels, alpha < 255, are repainted)",
+    )
     negative_prompt: str = Field("", description="what not to draw")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
     height: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}")
@@ -156,6 +169,22 @@ class GenerationParams(BaseModel):
     lora_scale: float = Field(
         1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, description="weight of the adapters named in 'lora' without one"
     )
+    controlnet: str = Field(
+        "",
+        description="packaged ControlNets conditioned on control_image: NAME or NAME:SCALE, comma-separated; '' none",
+    )
+    controlnet_conditioning_scale: float = Field(
+        1.0, ge=0, le=MAX_CONTROLNET_SCALE, description="scale of the ControlNets named in 'controlnet' without one"
+    )
+    control_guidance_start: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the base's steps where control starts"
+    )
+    control_guidance_end: float = Field(1.0, gt=0, le=1, description="fraction of the base's steps where control ends")
+    control_preprocess: Literal["none", "canny"] = Field(
+        "none", description="none: control_image is already a control map; canny: its Canny edges (OpenCV)"
+    )
+    canny_low_threshold: int = Field(100, ge=1, le=255, description="canny: the lower hysteresis threshold")
+    canny_high_threshold: int = Field(200, ge=1, le=255, description="canny: the upper hysteresis threshold")
     prompt_weighting: Literal["auto", "off"] = Field(
         "auto",
         description="auto: '(text:1.3)' weights and prompts past 77 tokens use chunked weighted embeddings, other "
@@ -231,6 +260,7 @@ NOT_REPRODUCED = {
     "on_error": "how failures are reported, not what is drawn",
     "aspect_ratio": "resolved into height and width",
     "lora_scale": "folded into the weights written in lora",
+    "controlnet_conditioning_scale": "folded into the scales written in controlnet",
 }
 
 

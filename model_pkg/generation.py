@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from model_pkg import lora, masks, prompts
+from model_pkg import controlnet, lora, masks, prompts
 from model_pkg.config import ModelConfig
 from model_pkg.contract import Mode
 from model_pkg.pipelines import Pipelines, call_view
@@ -64,10 +64,15 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
         # and the same seed gives the same initial noise on CPU and GPU
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows],
     )
-    # per-call views of the pipelines this mode runs (img2img rows use only the refiner, none only the base)
+    # per-call views of the pipelines this mode runs (img2img rows use only the refiner, none only the base;
+    # with a ControlNet, img2img rows use only the base, as SDXL's refiner has no ControlNet)
     base_pipe, refiner_pipe = (pipes.inpaint, pipes.refiner_inpaint) if s.inpaint else (pipes.base, pipes.refiner)
-    base = call_view(base_pipe, s.scheduler, s.timestep_spacing) if s.mode is not Mode.IMG2IMG else None
-    refiner = call_view(refiner_pipe, s.scheduler, s.timestep_spacing) if s.mode is not Mode.NONE else None
+    img2img, kind = s.mode is Mode.IMG2IMG, "inpaint" if s.inpaint else "text"
+    if s.controlnet:  # diffusers' ControlNet pipeline of the row kind, over the base's modules
+        base_pipe = controlnet.pipeline(pipes, s.controlnet, "img2img" if img2img else kind)
+    base = call_view(base_pipe, s.scheduler, s.timestep_spacing) if not img2img or s.controlnet else None
+    refiner = None if s.mode is Mode.NONE or (img2img and s.controlnet) else refiner_pipe
+    refiner = call_view(refiner, s.scheduler, s.timestep_spacing) if refiner is not None else None
     views = [view for view in (base, refiner) if view is not None]
     if s.watermark and pipes.catalog is not None:
         for view in views:
@@ -89,7 +94,11 @@ def _generate_batch(pipes: Pipelines, rows: list[RowSpec], on_step: StepCallback
         **_step_callback("base", on_step),
     )
     refiner_args = dict(refiner_common, **_step_callback("refiner", on_step))
-
+    if s.controlnet:
+        control = [r.control_image for r in rows]
+        base_args |= controlnet.call_args(s.controlnet, s.control_guidance, control, kind if not img2img else "img2img")
+    if img2img and s.controlnet:
+        return base(**base_args, image=[r.image for r in rows], strength=s.strength).images
     if s.mode is Mode.IMG2IMG:
         return refiner(
             **refiner_args,

@@ -33,9 +33,9 @@ class ImageError(ValueError):
 
 
 def decode_image(
-    text: str, *, max_bytes: int, max_pixels: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+    text: str, *, max_bytes: int, max_pixels: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP"), alpha=False
 ) -> Image.Image:
-    """Decode a base64 string or ``data:image/...;base64,`` URI into an RGB image."""
+    """Decode a base64 string or ``data:image/...;base64,`` URI into an RGB image (RGBA: ``alpha`` and it has one)."""
     if _URL.match(text.strip()):
         raise ImageError("URLs are not fetched; send the image inline as base64 or a data:image/...;base64, URI")
     raw = decode_base64(text.strip(), max_bytes)
@@ -54,7 +54,8 @@ def decode_image(
         )
     try:
         image.load()
-        return image.convert("RGB")
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        return image.convert("RGBA" if alpha and has_alpha else "RGB")
     except Exception as e:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(f"image data is corrupt ({type(e).__name__}: {e})") from None
 

@@ -62,29 +62,38 @@ def _load_all(base, root: Path, entries: dict[str, dict[str, str]]) -> None:
         )
 
 
-def parse_selection(spec: str, scale: float, packaged: dict[str, str] | None) -> Selection:
-    """``"a:0.5, b"`` with ``lora_scale`` 0.8 → ``(("a", 0.5), ("b", 0.8))``; raises ``ValueError``."""
+def parse_selection(
+    spec: str,
+    scale: float,
+    packaged: dict[str, str] | None,
+    field: str = "lora",
+    bounds: tuple[float, float] = (-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT),
+) -> Selection:
+    """``"a:0.5, b"`` with ``lora_scale`` 0.8 → ``(("a", 0.5), ("b", 0.8))``; raises ``ValueError``.
+    Also parses the ``controlnet`` param (``field``), whose scales lie in ``bounds``."""
     if not spec.strip():
         return ()
     packaged = packaged or {}
+    what, kind = ("adapter", "LoRA adapters") if field == "lora" else ("ControlNet", "ControlNets")
     chosen: dict[str, float] = {}
     for item in spec.split(","):
         name, sep, weight_text = item.strip().partition(":")
         name = name.strip()
         if not name:
-            raise ValueError(f"'lora': empty adapter name in {spec!r}; use NAME or NAME:WEIGHT, comma-separated")
+            raise ValueError(f"'{field}': empty {what} name in {spec!r}; use NAME or NAME:WEIGHT, comma-separated")
         if name not in packaged:
-            valid = ", ".join(sorted(packaged)) or "none (this artifact has no LoRA adapters)"
-            raise ValueError(f"'lora': unknown adapter {name!r}; packaged: {valid}")
+            valid = ", ".join(sorted(packaged)) or f"none (this artifact has no {kind})"
+            raise ValueError(f"'{field}': unknown {what} {name!r}; packaged: {valid}")
         try:
             weight = float(weight_text) if sep else scale
         except ValueError:
-            raise ValueError(f"'lora': weight of {name!r} must be a number, got {weight_text!r}") from None
-        if not (-MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT):
-            bound = f"{MAX_LORA_WEIGHT:g}"
-            raise ValueError(f"'lora': weight of {name!r} must be between -{bound} and {bound}, got {weight}")
+            raise ValueError(f"'{field}': weight of {name!r} must be a number, got {weight_text!r}") from None
+        if not (bounds[0] <= weight <= bounds[1]):
+            raise ValueError(
+                f"'{field}': weight of {name!r} must be between {bounds[0]:g} and {bounds[1]:g}, got {weight}"
+            )
         if name in chosen:
-            raise ValueError(f"'lora': adapter {name!r} is named twice")
+            raise ValueError(f"'{field}': {what} {name!r} is named twice")
         chosen[name] = weight
     return tuple(sorted(chosen.items()))
 

@@ -1,7 +1,9 @@
 """Inpainting masks: what the pipeline repaints, and pasting its result back over the input image.
 
-A mask is an image of the input's size: any non-black pixel (after conversion to greyscale) is
-repainted, black is kept. Three images are derived from it per row:
+A mask is an image of the input's size: with ``mask_source`` ``mask_white`` (the default) any non-black
+pixel (after conversion to greyscale) is repainted, black is kept; ``mask_black`` is the reverse;
+``image_alpha`` takes the input image's alpha channel instead, repainting every pixel not fully opaque.
+Three images are derived from it per row:
 
 - the **paste mask**: the binary mask feathered by a Gaussian blur of radius ``mask_blur`` (SD
   WebUI's "mask blur"). The output is ``generated × paste + input × (1 - paste)`` per pixel, so where
@@ -25,9 +27,12 @@ from PIL import Image, ImageFilter
 from model_pkg.contract import VAE_SCALE as CELL  # one latent cell is 8×8 pixels
 
 
-def binary_mask(mask: Image.Image) -> Image.Image:
-    """Greyscale mask: 255 where ``mask`` is not black (repaint), 0 where it is (keep)."""
-    return mask.convert("L").point(lambda v: 255 if v else 0)
+def binary_mask(mask: Image.Image, source: str = "mask_white") -> Image.Image:
+    """Greyscale mask, 255 = repaint, 0 = keep: ``mask_white``: where ``mask`` is not black; ``mask_black``: where
+    it is black; ``image_alpha``: where ``mask`` (the RGBA input image) is not fully opaque."""
+    if source == "image_alpha":
+        return mask.getchannel("A").point(lambda v: 255 if v < 255 else 0)
+    return mask.convert("L").point(lambda v: 255 if bool(v) != (source == "mask_black") else 0)
 
 
 def padded_size(size: tuple[int, int]) -> tuple[int, int]:

@@ -9,8 +9,9 @@
   ``predict(pd.DataFrame(r["dataframe_records"]), params=r["params"])``) reproduces the image byte
   for byte on the same artifact (``model.model_hash``), device and dtype (``model.device``,
   ``model.dtype``). Image-to-image and inpainting rows record the input image's (and mask's) sha256
-  only: send the same image (and mask) again. ``mode`` says which of text-to-image, image-to-image or
-  inpainting made the image.
+  only: send the same image (and mask) again; so do ControlNet rows for their control image
+  (``control_image_sha256``, with the ControlNets' sha256 in ``controlnets``). ``mode`` says which of
+  text-to-image, image-to-image or inpainting made the image.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def reproduction_request(row: RowSpec) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": row.prompt}
     if row.image is not None:
         record["image"] = None  # not embedded: send the same input image again
-    if row.mask is not None:
+    if row.mask is not None and row.params.mask_source != "image_alpha":
         record["mask"] = None
+    if row.control_image is not None:
+        record["control_image"] = None
     params = row.params.model_dump(mode="json", exclude=set(NOT_REPRODUCED))
     return {"dataframe_records": [record], "params": dict(sorted(params.items()))}
 
@@ -55,6 +58,7 @@ def _summary(row: RowSpec, model: dict[str, Any]) -> str:
         "Refiner": s.mode.value,
         "Style": row.style or None,
         "Lora": format_selection(s.lora) or None,
+        "ControlNet": format_selection(s.controlnet) or None,
         "Mask blur": s.mask_blur if row.mask is not None else None,
     }
     lines = [row.prompt.translate(_BREAKS)]
@@ -78,6 +82,11 @@ def metadata(row: RowSpec, catalog: Catalog | None) -> dict[str, Any]:
         model["input_image_sha256"] = hashlib.sha256(row.image.tobytes()).hexdigest()
     if row.mask is not None:
         model["input_mask_sha256"] = hashlib.sha256(row.mask.tobytes()).hexdigest()
+    if row.control_image is not None:  # the decoded control image (before resizing and preprocessing)
+        model["control_image_sha256"] = row.control_sha256
+        model["controlnets"] = (
+            {name: catalog.controlnets[name] for name, _ in row.settings.controlnet} if catalog else {}
+        )
     return {"request": reproduction_request(row), "model": model, "mode": row.task}
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from model_pkg.catalog import Catalog, load_catalog
 from model_pkg.config import ModelConfig
+from model_pkg.controlnet import load_controlnets
 from model_pkg.safety import SafetyChecker
 from model_pkg.schedulers import make_scheduler
 
@@ -52,6 +53,7 @@ class ManifestKey(StrEnum):
     SAFETY_CHECKER = "safety_checker"  # folder, or null
     STYLES = "styles"  # style table file, or null
     LORAS = "loras"  # adapter name -> {"path", "weight_name", "sha256"}
+    CONTROLNETS = "controlnets"  # ControlNet name -> {"path" (a diffusers ControlNetModel folder), "sha256"}
     HASHES = "hashes"  # component -> sha256 of its files (identity of the weights)
     SOURCES = "sources"  # role -> the folder it was built from
 
@@ -81,6 +83,7 @@ class Pipelines:
     catalog: Catalog | None = None  # styles, LoRA adapters (loaded into base), watermarker, model hash
     inpaint: StableDiffusionXLInpaintPipeline | None = None  # over the base's modules
     refiner_inpaint: StableDiffusionXLInpaintPipeline | None = None  # over the refiner's modules
+    controlnets: dict[str, Any] = field(default_factory=dict)  # name → ControlNetModel (model_pkg.controlnet)
 
 
 # CPU features (``torch.cpu.get_capabilities()`` keys) that run bfloat16 matrix maths in hardware:
@@ -208,6 +211,7 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
         manifest.get(K.LORAS) or {},
         manifest.get(K.HASHES) or {},
         runtime={"device": str(device), "dtype": str(dtype).removeprefix("torch.")},
+        controlnets=manifest.get(K.CONTROLNETS) or {},
     )
     catalog = replace(catalog, schedulers=(base.scheduler, refiner.scheduler))  # steps are planned on them
     return Pipelines(
@@ -219,6 +223,7 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
         catalog=catalog,
         inpaint=inpaint_pipeline(base),
         refiner_inpaint=inpaint_pipeline(refiner),
+        controlnets=load_controlnets(root, manifest.get(K.CONTROLNETS) or {}, dtype, device),
     )
 
 

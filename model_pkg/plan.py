@@ -88,7 +88,8 @@ def stage_steps(s: Settings, schedulers: tuple[Any, Any]) -> dict[str, int]:
     if s.mode is Mode.SEQUENTIAL:
         refined = with_strength(refiner(steps_refiner), steps_refiner, s.refiner_strength)
         return {"base": len(base_schedule.timesteps), "refiner": len(refined.timesteps)}
-    return {"refiner": len(with_strength(refiner(steps), steps, s.strength).timesteps)}  # img2img
+    stage, stage_schedule = ("base", base) if s.controlnet else ("refiner", refiner)  # ControlNet: the base's img2img
+    return {stage: len(with_strength(stage_schedule(steps), steps, s.strength).timesteps)}  # img2img
 
 
 def check_steps(s: Settings, schedulers: tuple[Any, Any]) -> None:

@@ -6,6 +6,7 @@ Everything a user can get wrong is checked here, before any pipeline runs, and r
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from pydantic import ValidationError
 
-from model_pkg.catalog import Catalog, check_request, resolve_row
+from model_pkg.catalog import Catalog, check_request, controlnets, resolve_row
 from model_pkg.config import ModelConfig
 from model_pkg.contract import (
     ASPECT_RATIOS,
@@ -34,6 +35,7 @@ from model_pkg.contract import (
     parse_params,
     resolve_strength,
 )
+from model_pkg.controlnet import control_map
 from model_pkg.images import ImageError, check_encodable, decode_image
 from model_pkg.lora import format_selection
 from model_pkg.masks import binary_mask, padded_size
@@ -152,24 +154,41 @@ def _image_given(value: Any) -> bool:
     return not is_missing(value) and not (isinstance(value, str) and not value.strip())
 
 
-def _image(value: Any, limits: ModelConfig, field: str = "image") -> Image.Image | None:
+def _image(value: Any, limits: ModelConfig, field: str = "image", alpha: bool = False) -> Image.Image | None:
     if not _image_given(value):
         return None
     if not isinstance(value, str):
         raise ValueError(f"'{field}' must be a base64 string, got {type(value).__name__}")
     try:
         return decode_image(
-            value, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, formats=limits.image_formats
+            value,
+            max_bytes=limits.max_image_bytes,
+            max_pixels=limits.max_image_pixels,
+            formats=limits.image_formats,
+            alpha=alpha,
         )
     except ImageError as e:
         raise ValueError(f"'{field}': {e}") from None
 
 
-def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.Image | None:
-    """The row's inpainting mask as a binary greyscale image (255 = repaint), or None."""
+def _mask(
+    value: Any, image: Image.Image | None, limits: ModelConfig, source: str
+) -> tuple[Image.Image | None, Image.Image | None]:
+    """The row's RGB image and its inpainting mask as a binary greyscale image (255 = repaint), or None."""
+    if source == "image_alpha":
+        if _image_given(value):
+            raise ValueError("'mask' is not used with 'mask_source' image_alpha (the image's alpha is the mask)")
+        if image is None:
+            return None, None
+        if image.mode != "RGBA":
+            raise ValueError("'image' has no alpha channel, but 'mask_source' is image_alpha; send an RGBA PNG/WebP")
+        binary = binary_mask(image, source)
+        if binary.getbbox() is None:
+            raise ValueError("'image' is opaque everywhere: nothing to repaint ('mask_source' image_alpha)")
+        return image.convert("RGB"), binary
     mask = _image(value, limits, "mask")
     if mask is None:
-        return None
+        return image, None
     if image is None:
         raise ValueError("'mask' needs an 'image' to inpaint; send the image the mask applies to")
     if mask.size != image.size:
@@ -177,10 +196,14 @@ def _mask(value: Any, image: Image.Image | None, limits: ModelConfig) -> Image.I
             f"'mask' is {mask.size[0]}×{mask.size[1]} but 'image' is {image.size[0]}×{image.size[1]}; "
             "they must be the same size"
         )
-    binary = binary_mask(mask)
+    binary = binary_mask(mask, source)
     if binary.getbbox() is None:
+        if source == "mask_black":
+            raise ValueError(
+                "'mask' has no black pixel: nothing to repaint ('mask_source' mask_black: black = repaint)"
+            )
         raise ValueError("'mask' is black everywhere: nothing to repaint (white = repaint, black = keep)")
-    return binary
+    return image, binary
 
 
 # a visible character: not whitespace, not a C0/C1 control, not a zero-width / direction mark or BOM
@@ -222,14 +245,21 @@ def parse_row(
         except ValidationError as e:
             raise ValueError(format_error(e, "column").removeprefix("column ")) from None
         negative_prompt = _prompt(params.negative_prompt, "negative_prompt", limits, required=False)
-        image = _image(row.get("image"), limits)
-        mask = _mask(row.get("mask"), image, limits)
+        image = _image(row.get("image"), limits, alpha=params.mask_source == "image_alpha")
+        image, mask = _mask(row.get("mask"), image, limits, params.mask_source)
         seed = _given_seed(index, row, request)  # the seed column was validated with params
         if seed is None:
             seed = _random_seed()
         settings = _row_settings(params, limits, image, mask)
         check_steps(settings, (catalog or Catalog()).schedulers)
         text = resolve_row(params, prompt, negative_prompt, catalog)
+        selection, control = controlnets(params, catalog), _image(row.get("control_image"), limits, "control_image")
+        if bool(selection) != (control is not None):
+            raise ValueError(
+                "'controlnet' needs a 'control_image' in the row"
+                if selection
+                else "'control_image' needs a ControlNet: name one in 'controlnet'"
+            )
     except ValueError as e:
         prompt = row.get("prompt")
         try:  # a failed row is returned with the seed it was given
@@ -238,6 +268,9 @@ def parse_row(
             seed = None
         raise RowError(index, str(e), prompt if isinstance(prompt, str) else None, seed) from None
     settings = replace(settings, lora=text.lora, prompt_chunks=text.prompt_chunks, watermark=text.watermark)
+    if selection:
+        window = (params.control_guidance_start, params.control_guidance_end)
+        settings = replace(settings, controlnet=selection, control_guidance=window)
     resolved = dict(  # the reproduction request records the values the row was generated with
         seed=seed,
         height=settings.height,
@@ -247,7 +280,12 @@ def parse_row(
         watermark=text.watermark,
         lora=format_selection(text.param_lora),  # the prompt's <lora:...> tags stay in the prompt
         prompt_weighting="auto" if text.prompt_chunks else "off",
+        controlnet=format_selection(selection),
     )
+    if control is not None:
+        sha = hashlib.sha256(control.tobytes()).hexdigest()
+        low, high = params.canny_low_threshold, params.canny_high_threshold
+        control = control_map(control, (settings.width, settings.height), params.control_preprocess, low, high)
     return RowSpec(
         index,
         prompt,
@@ -259,6 +297,8 @@ def parse_row(
         text.prompt,
         text.negative_prompt,
         mask,
+        control,
+        sha if control is not None else "",
         params.model_copy(update=resolved),
     )
 
@@ -288,7 +328,8 @@ def parse_request(
                 raise
             rows.append(e)
             continue
-        image_pixels += sum(im.width * im.height for im in (row.image, row.mask) if im is not None)
+        held = (row.image, row.mask, row.control_image)
+        image_pixels += sum(im.width * im.height for im in held if im is not None)
         if image_pixels > limits.max_request_image_pixels:
             raise MlflowException.invalid_parameter_value(
                 f"The input images pass the request's budget of {limits.max_request_image_pixels} decoded "
@@ -350,6 +391,7 @@ def _check_modes(request: GenerationParams, frame: pd.DataFrame, limits: ModelCo
     given = {c: frame[c].map(_image_given).astype(bool) if c in frame.columns else own & False for c in IMAGE_COLUMNS}
     modes = set()
     for image, mask in zip(given["image"][~own], given["mask"][~own], strict=True):
+        mask = mask or (image and request.mask_source == "image_alpha")
         mode = Mode(request.refiner) if mask or not image else Mode.IMG2IMG
         modes.add((mode, bool(image and mask)))
     try:

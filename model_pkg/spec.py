@@ -35,6 +35,8 @@ class Settings:
     watermark: bool = False
     mask_blur: int = 0
     inpaint: bool = False  # rows with an image and a mask: the base inpaints, then the refiner per ``mode``
+    controlnet: Selection = ()  # the base runs diffusers' ControlNet pipeline of its kind with these (name, scale)
+    control_guidance: tuple[float, float] = (0.0, 1.0)  # control_guidance_start, control_guidance_end
 
     @property
     def handoff(self) -> float:  # ensemble: the base's denoising_end, the refiner's denoising_start
@@ -55,6 +57,8 @@ class RowSpec:
     styled_prompt: str | None = None  # the text encoded, when a style changed it (or <lora:...> tags were cut)
     styled_negative_prompt: str | None = None
     mask: Image.Image | None = None  # inpainting: the binary mask (255 = repaint), the image's size
+    control_image: Image.Image | None = None  # the ControlNets' map at the base's size (resized, preprocessed)
+    control_sha256: str = ""  # of the control image as decoded: what the PNG metadata records
     # the row's params as resolved (seed, size, lora weights, ...): the request that reproduces the image,
     # and the output options the encoder reads
     params: GenerationParams = field(default_factory=GenerationParams)

@@ -63,6 +63,7 @@ def model_card(staged: Staged) -> dict[str, Any]:
     )
     card["styles"] = {"version": styles_version(staged), "names": sorted(styles_names(staged))}
     card["loras"] = {name: entry["sha256"] for name, entry in (staged.manifest.get(K.LORAS) or {}).items()}
+    card["controlnets"] = {name: e["sha256"] for name, e in (staged.manifest.get(K.CONTROLNETS) or {}).items()}
     card["components"] = {
         "shared_by_base_and_refiner": staged.manifest[K.SHARED],
         "sha256": staged.manifest[K.HASHES],

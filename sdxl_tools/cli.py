@@ -72,6 +72,23 @@ def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, P
     return loras
 
 
+def _controlnets(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, Path]:
+    """``--controlnet NAME=DIR`` pairs, plus ``--tiny-controlnet NAME`` random ControlNets for the tiny base."""
+    from sdxl_tools.staging import BuildError, parse_build_arg
+
+    try:
+        controlnets = dict(parse_build_arg(pair, "--controlnet") for pair in args.controlnet)
+    except BuildError as e:
+        raise UsageError(str(e)) from None
+    if args.tiny_controlnet and not args.tiny:
+        raise UsageError("--tiny-controlnet needs --tiny")
+    for i, name in enumerate(args.tiny_controlnet):
+        from sdxl_tools.random_weights import write_tiny_controlnet
+
+        controlnets[name] = write_tiny_controlnet(tmp / "src" / "controlnets" / name, base, seed=i + 1)
+    return controlnets
+
+
 def _stage(args: argparse.Namespace, tmp: str) -> Staged:
     """Stage the components the source flags name (``--tiny``, ``--random-fullsize`` or ``--base``/``--refiner``)."""
     synthetic = args.tiny or args.random_fullsize
@@ -106,6 +123,7 @@ def _stage(args: argparse.Namespace, tmp: str) -> Staged:
         variant=args.variant,
         vae=args.vae,
         loras=loras,
+        controlnets=_controlnets(args, base, Path(tmp)),
         sources=sources,
     )
     # generated weights: drop their source names, so the staged files are the only copy and saving
@@ -218,6 +236,16 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
         help="package a LoRA adapter (a .safetensors file, or a folder with one); repeatable",
     )
     parser.add_argument("--tiny-lora", action="append", default=[], metavar="NAME", help="--tiny: a random LoRA")
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="package an SDXL ControlNet (a diffusers ControlNetModel folder: config + safetensors); repeatable",
+    )
+    parser.add_argument(
+        "--tiny-controlnet", action="append", default=[], metavar="NAME", help="--tiny: a random ControlNet"
+    )
     parser.add_argument("--vae", help="VAE folder replacing base's and refiner's (e.g. an fp16-fixed SDXL VAE)")
     parser.add_argument("--variant", choices=VARIANTS, default="all", help="which weight files to package")
     parser.add_argument(

@@ -277,6 +277,30 @@ def write_tiny_lora(out_dir: str | Path, base_dir: str | Path, seed: int = 1, ra
     return out
 
 
+def write_tiny_controlnet(out_dir: str | Path, base_dir: str | Path, seed: int = 1) -> Path:
+    """A tiny random SDXL ControlNet for the tiny base: diffusers' ``ControlNetModel.from_unet`` of its UNet
+    (the UNet's encoder weights), saved as a diffusers folder (config + safetensors).
+
+    ``from_unet`` zero-initialises the "zero convolutions" (as training starts), which would make the
+    ControlNet a no-op; they get random weights here so that the conditioning changes images.
+    """
+    from diffusers import ControlNetModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(base_dir) / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    generator = torch.Generator().manual_seed(seed)
+    zero = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    with torch.no_grad():
+        for conv in zero:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
 def write_tiny_safety_checker(folder: str | Path, flag: str = "never", seed: int = 0) -> Path:
     """Write a tiny checker (:func:`tiny_safety_checker`) + its CLIP image processor: a ``--safety-checker`` folder."""
     folder = Path(folder)

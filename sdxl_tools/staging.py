@@ -27,6 +27,7 @@ from sdxl_tools import TEMPLATE, VARIANTS
 from sdxl_tools.files import link_or_copy, sha256
 
 LORA_DIR = "loras"
+CONTROLNET_DIR = "controlnets"
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHAREABLE = ("text_encoder_2", "tokenizer_2", "vae")
 # Shared, but its files (a few MB) also stay in the refiner folder: loading that folder by hand with
@@ -45,18 +46,19 @@ class LoraError(BuildError):
     """A LoRA source that cannot be packaged."""
 
 
-def parse_build_arg(pair: str) -> tuple[str, Path]:
-    """``NAME=PATH`` of ``build.py build --lora``."""
+def parse_build_arg(pair: str, flag: str = "--lora") -> tuple[str, Path]:
+    """``NAME=PATH`` of ``build.py build --lora`` / ``--controlnet``."""
     name, sep, path = pair.partition("=")
     if not sep or not path:
-        raise LoraError(f"--lora expects NAME=PATH, got {pair!r}")
-    check_name(name)
+        raise LoraError(f"{flag} expects NAME=PATH, got {pair!r}")
+    check_name(name, flag)
     return name, Path(path)
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, flag: str = "--lora") -> None:
     if not LORA_NAME.match(name):
-        raise LoraError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (no ':' or ',')")
+        what = "LoRA" if flag == "--lora" else "ControlNet"
+        raise LoraError(f"{what} name {name!r}: use letters, digits, '_', '-', '.' (no ':' or ',')")
 
 
 def _weights_file(source: Path) -> Path:
@@ -100,6 +102,25 @@ def stage_loras(loras: dict[str, Path], out: Path) -> dict[str, dict[str, str]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(weights, target)
         manifest[name] = {"path": f"{LORA_DIR}/{name}", "weight_name": weights.name, "sha256": sha256(target)}
+    return manifest
+
+
+def stage_controlnets(controlnets: dict[str, Path], out: Path, variant: str) -> dict[str, dict[str, str]]:
+    """Copy each diffusers ``ControlNetModel`` folder (config + safetensors) under ``out/controlnets/NAME/``;
+    the manifest entries (folder and sha256 of its files)."""
+    manifest = {}
+    for name, source in sorted(controlnets.items()):
+        check_name(name, "--controlnet")
+        source = Path(source)
+        config = source / "config.json"
+        if not config.is_file() or json.loads(config.read_text()).get("_class_name") != "ControlNetModel":
+            raise BuildError(f"--controlnet {name}: {source} is not a diffusers ControlNetModel folder (config.json)")
+        files = _select_files(source, variant)  # refuses pickled-only weights
+        if not any(f.suffix == ".safetensors" for f in files):
+            raise BuildError(f"--controlnet {name}: {source} has no safetensors weights")
+        for f in files:
+            link_or_copy(f, out / CONTROLNET_DIR / name / f.relative_to(source))
+        manifest[name] = {"path": f"{CONTROLNET_DIR}/{name}", "sha256": _hash(files, source)}
     return manifest
 
 
@@ -159,6 +180,7 @@ def stage_components(
     vae: Path | None = None,
     loras: dict[str, Path] | None = None,
     sources: dict[str, str] | None = None,
+    controlnets: dict[str, Path] | None = None,
 ) -> Staged:
     """Lay out the artifact's ``sdxl`` folder under ``out`` (which must not exist).
 
@@ -166,7 +188,8 @@ def stage_components(
     whose folder is not the user's (e.g. random weights generated for this build and deleted after it).
 
     ``loras`` (name → safetensors file or folder) are packaged under ``loras/``; the style table
-    ``MLmodel_template/styles.json`` is always copied in.
+    ``MLmodel_template/styles.json`` is always copied in. ``controlnets`` (name → diffusers ControlNetModel
+    folder) are packaged under ``controlnets/``, each once.
 
     ``vae`` replaces the VAE of both pipelines (e.g. an fp16-fixed SDXL VAE, whose config needs no
     float32 upcast); it is stored once and shared.
@@ -202,7 +225,10 @@ def stage_components(
         for f in files:
             link_or_copy(f, out / "safety_checker" / f.relative_to(safety_checker))
     lora_entries = stage_loras(loras or {}, out)
+    controlnet_entries = stage_controlnets(controlnets or {}, out, variant)
+    hashes |= {f"controlnet/{name}": entry["sha256"] for name, entry in controlnet_entries.items()}
     manifest = {
+        K.CONTROLNETS: controlnet_entries,
         K.STYLES: stage_styles(out, TEMPLATE / STYLES_FILE),
         K.LORAS: lora_entries,
         K.BASE: "base",

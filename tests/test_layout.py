@@ -19,6 +19,7 @@ RUNTIME_MODULES = {
     "catalog.py",
     "config.py",
     "contract.py",
+    "controlnet.py",
     "generation.py",
     "images.py",
     "lora.py",
@@ -36,8 +37,8 @@ RUNTIME_MODULES = {
 }
 # 2,519 + 33 (the Spark task GPU choice) + 58 (unknown-column refusal, Azure nesting/columns checks,
 # cheap-first parsing and the prompt budget, escaped PNG text) + 78 (request_timeout_s: calibration,
-# up-front refusal, stop between steps)
-MAX_RUNTIME_LINES = 2690
+# up-front refusal, stop between steps) + 220 (ControlNet 192, mask_source 28)
+MAX_RUNTIME_LINES = 2910
 
 
 def imported_modules(source: str) -> set[str]:
