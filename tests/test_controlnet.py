@@ -278,7 +278,7 @@ def test_png_metadata_records_the_controlnets_window_preprocessor_and_control_im
     ],
 )
 def test_bad_controlnet_input_names_the_row_and_field(cn_model, rows, params, message):
-    with pytest.raises(MlflowException, match="") as caught:
+    with pytest.raises(MlflowException) as caught:
         cn_model.predict(frame(*rows), params=NONE | params)
     assert message in caught.value.message
     assert caught.value.get_http_status_code() == 400
