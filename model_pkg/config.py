@@ -56,6 +56,9 @@ class ModelConfig(BaseModel):
             raise ValueError(f"unknown image format(s) {unknown}; Pillow opens {sorted(Image.OPEN)}")
         return formats
 
+    verify_weights: Literal["headers", "full"] = Field(
+        "headers", description="at load: file sizes + safetensors headers (ms), or full: every file's sha256"
+    )
     # Speed and memory (applied once at load: pipelines.apply_options); the defaults are plain diffusers.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")
     channels_last: bool = Field(False, description="UNets and VAE in channels_last memory format")

@@ -109,6 +109,16 @@ def fix_seeds(df: pd.DataFrame, request_seed: int) -> pd.DataFrame:
     return df.assign(seed=seeds)
 
 
+def _planned_seed(value: Any) -> int | None:
+    """A row's seed as the manifest records it, or None when the row's seed is not a plain int."""
+    if isinstance(value, bool) or value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    try:
+        return int(value) if float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _entry(row: int, out: dict[str, Any], file: str | None) -> dict[str, Any]:
     seed, nsfw, error = out["seed"], out["nsfw_content_detected"], out.get("error")
     return {
@@ -164,7 +174,10 @@ def run_locked(
     fmt = request.output_format
 
     manifest = Manifest(output)
-    done = manifest.load(len(df), retry_errors)
+    seeds = [_planned_seed(v) for v in df["seed"]] if "seed" in df.columns else None
+    done = manifest.load(len(df), retry_errors, fmt, seeds)
+    for dropped in manifest.dropped:
+        print(f"warning: {dropped}", file=sys.stderr)
     pending = [row for row in range(len(df)) if row not in done]
     bar = tqdm(total=len(df), initial=len(done), unit="img", desc="scoring", disable=not progress, file=sys.stderr)
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 The candidate is downloaded from the registry and loaded like a server would load it: in a child
 process (``python -m sdxl_tools.gate``), which imports only the code the candidate carries (MLflow
 ``code_paths``, never this process's ``model_pkg``), reports its checks as JSON, and takes the
-candidate's memory with it when it ends. It must score its own input example (the MLmodel's, with
+candidate's memory with it when it ends. Before that, every weight file must match the sha256 its
+``components.json`` records (:mod:`sdxl_tools.verify`). It must score its own input example (the MLmodel's, with
 its small params), return the output columns and types its signature declares, give the same bytes
 twice for a fixed seed, and keep the signature of the version that holds the target alias now: no
 removed input columns or params, no newly required input, no changed types, no removed output columns.
@@ -196,12 +197,25 @@ def validate(name: str, version: str, alias: str, holder: str | None = None) -> 
         except Exception as e:  # any load failure is a verdict, not a crash
             report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
             return report
+        if not _check_weights(report, local):
+            return report  # what would be scored is not what was built
         loads, *scoring = _score_in_child(local, tmp)
         report.checks.append(dataclasses.replace(loads, detail=loads.detail or f"models:/{name}/{version}"))
         if loads.ok:
             _check_signature(report, meta.signature, name, report.holder, report.version)
             report.checks += scoring
     return report
+
+
+def _check_weights(report: GateReport, local: str) -> bool:
+    from sdxl_tools.verify import verify_model  # imports model_pkg: never in the child (see above)
+
+    try:
+        verified = verify_model(local)
+    except Exception as e:
+        return report.add("weights match their recorded sha256", [f"{type(e).__name__}: {e}"])
+    detail = f"{verified.files} files, {verified.bytes / 1e6:.1f} MB, model hash {verified.model_hash[:12]}"
+    return report.add("weights match their recorded sha256", [], detail)
 
 
 def _score_in_child(local: str, tmp: Path) -> list[Check]:

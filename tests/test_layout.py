@@ -33,9 +33,11 @@ RUNTIME_MODULES = {
     "schedulers.py",
     "spark_nulls.py",
     "spec.py",
+    "weights.py",
 }
 # 2,520: the Azure request conversion (40 lines) moved into the runtime, so score.py needs only the artifact
-MAX_RUNTIME_LINES = 2520
+# 2,600: the weight-file check at load (weights.py, 73 lines, + 7 in config/pipelines)
+MAX_RUNTIME_LINES = 2600
 
 
 def imported_modules(source: str) -> set[str]:
