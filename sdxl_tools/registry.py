@@ -156,12 +156,14 @@ class Promotion:
     previous: str | None
     report: GateReport | None = None
     stage: str | None = None
+    skipped: tuple[str, ...] = ()  # a rollback: deleted versions passed over on the way back
 
     def __str__(self) -> str:
         moved = f"models:/{self.name}@{self.alias} -> version {self.version}"
         before = f" (was version {self.previous})" if self.previous else " (was unset)"
         stage = f"; stage {self.stage}" if self.stage else ""
-        return moved + before + stage
+        skipped = "".join(f"; skipped deleted version {v}" for v in self.skipped)
+        return moved + before + stage + skipped
 
 
 def holder(name: str, alias: str, client: MlflowClient | None = None) -> str | None:
@@ -263,19 +265,32 @@ def rollback(name: str, alias: str, *, use_stages: bool = False, client: MlflowC
         history.pop()
     # else the current holder took the alias without a history entry (moved by hand, or a promote
     # killed after its alias write, or a rollback killed before it): the last recorded holder is the target
+    skipped = []
+    while history and not _exists(client, name, history[-1]["version"]):
+        skipped.append(history.pop()["version"])  # deleted since it held the alias
     if not history:
+        gone = f" (deleted: versions {', '.join(skipped)})" if skipped else ""
         raise MlflowException(
             f"version {current} of {name} is the first holder of @{alias} on record (tag "
-            f"{HISTORY.format(alias=alias)!r}): it records no previous holder to roll back to",
+            f"{HISTORY.format(alias=alias)!r}): it records no previous holder to roll back to{gone}",
             INVALID_STATE,
         )
     previous = history[-1]["version"]
-    client.get_model_version(name, previous)  # still there (not deleted)?
     _write_history(client, name, alias, history)  # the history first (see the module docs)
     client.set_registered_model_alias(name, alias, previous)
     client.set_model_version_tag(name, current, ROLLED_BACK.format(alias=alias), f"{_now()}, back to {previous}")
     stage = _transition(client, name, previous, alias) if use_stages else None
-    return Promotion(name, alias, previous, current, None, stage)
+    return Promotion(name, alias, previous, current, None, stage, tuple(skipped))
+
+
+def _exists(client: MlflowClient, name: str, version: str) -> bool:
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 # -- copy ---------------------------------------------------------------------------------------

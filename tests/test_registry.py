@@ -9,6 +9,7 @@ output retyped, the ``seed`` param removed).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -191,6 +192,23 @@ def test_breaking_changes_name_what_a_client_would_lose():
     # Adding optional inputs, params and outputs is compatible.
     assert breaking_changes(changed, changed) == []
     assert breaking_changes(ModelSignature(inputs=good.inputs, outputs=good.outputs), good) == []
+
+
+def test_an_optional_input_that_became_required_and_lost_or_retyped_outputs_are_breaking():
+    good = signature()
+    optional = next(spec for spec in good.inputs.inputs if not spec.required)
+    required = Schema([ColSpec(s.type, s.name, required=True) if s is optional else s for s in good.inputs.inputs])
+    stricter = ModelSignature(inputs=required, outputs=good.outputs, params=good.params)
+    assert breaking_changes(good, stricter) == [f"input column {optional.name!r} became required"]
+    assert breaking_changes(stricter, good) == []  # required -> optional: old clients still fit
+
+    outputs = [s for s in good.outputs.inputs if s.name != "nsfw_content_detected"]
+    outputs = [ColSpec("string", "seed") if s.name == "seed" else s for s in outputs]
+    fewer = ModelSignature(inputs=good.inputs, outputs=Schema(outputs), params=good.params)
+    assert breaking_changes(good, fewer) == [
+        "output column 'nsfw_content_detected' removed",
+        "output column 'seed' type long -> string",
+    ]
 
 
 def test_registered_versions_carry_what_a_reviewer_needs(sqlite_registry, staged):
@@ -400,3 +418,19 @@ def test_a_killed_gate_leaves_no_copy_of_the_artifact(sqlite_registry, tmp_path)
                 with scratch_dir(temp):
                     assert mine.is_dir()  # a running process's folder stays
             assert not mine.exists()
+
+
+def test_rollback_skips_deleted_holders_and_says_which(sqlite_registry):
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        doomed = str(registry.copy_version(NAME, v["v1"], NAME).version)  # a version to delete
+        history = [{"version": version, "at": "test"} for version in (v["v1"], doomed, v["v2"])]
+        client.set_registered_model_tag(NAME, registry.HISTORY.format(alias="skip"), json.dumps(history))
+        client.set_registered_model_alias(NAME, "skip", v["v2"])
+        client.delete_model_version(NAME, doomed)
+
+        back = rollback(NAME, "skip")
+        assert (back.version, back.previous, back.skipped) == (v["v1"], v["v2"], (doomed,))
+        assert f"skipped deleted version {doomed}" in str(back)
+        assert holder(NAME, "skip") == v["v1"]
+        assert [entry["version"] for entry in registry.alias_history(NAME, "skip", client)] == [v["v1"]]
