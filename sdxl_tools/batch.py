@@ -160,8 +160,6 @@ def run_locked(
     source: ModelIdentity | None,
 ) -> Summary:
     """:func:`run` with the output lock held."""
-    from tqdm.auto import tqdm  # a dependency of diffusers and huggingface_hub
-
     if chunk_size < 1:
         raise BatchError("--chunk-size must be at least 1")
     input_path, output = Path(input_path), Path(output)
@@ -169,6 +167,30 @@ def run_locked(
     request = parse_params(params)  # bad params fail here, before any output is written
     df = read_prompts(input_path)
     model.unwrap_python_model().check_request(df, params)  # request-level errors before anything is written
+    try:
+        return _score(model, df, input_path, output, params, request, chunk_size, retry_errors, progress, source)
+    except OSError as e:  # disk full, read-only or vanished folder, a file size limit
+        raise BatchError(
+            f"cannot write the job's output: {e.strerror or e} ({e.filename or output}); the manifest holds "
+            "the rows finished so far: make room or make the folder writable, then rerun to resume"
+        ) from e
+
+
+def _score(
+    model: Any,
+    df: pd.DataFrame,
+    input_path: Path,
+    output: Path,
+    params: dict[str, Any],
+    request: Any,
+    chunk_size: int,
+    retry_errors: bool,
+    progress: bool,
+    source: ModelIdentity | None,
+) -> Summary:
+    """Score the rows the manifest lacks (:func:`run_locked` after its checks)."""
+    from tqdm.auto import tqdm  # a dependency of diffusers and huggingface_hub
+
     check_job(output, input_path, params, loaded_identity(model, source))
     df = fix_seeds(df, request.seed)
     fmt = request.output_format

@@ -288,6 +288,8 @@ def cmd_batch(args: argparse.Namespace) -> int | None:
             )
     except mlflow.exceptions.MlflowException as e:
         raise BatchError(str(e)) from e
+    except OSError as e:  # e.g. the lock file of a read-only or vanished --output
+        raise BatchError(f"cannot write to {args.output}: {e.strerror or e} ({e.filename or args.output})") from e
     except KeyboardInterrupt:
         print("interrupted: finished rows are in the manifest; rerun the same command to resume", file=sys.stderr)
         return 130

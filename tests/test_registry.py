@@ -141,7 +141,12 @@ def promotion_flow(client: MlflowClient, v: dict[str, str]) -> None:
     ):
         assert problem in report
     passed = [c.name for c in refused.value.report.checks if c.ok]
-    assert passed == ["loads from the registry", "scores its input example"]
+    assert passed == [
+        "weights match their recorded sha256",
+        "loads from the registry",
+        "scores its input example",
+        "images are not blank, broken or seed-independent",
+    ]
     assert holder(NAME, "production") == v["v1"]  # the alias did not move
     assert client.get_model_version(NAME, v["v3"]).tags["validation.production"].startswith("refused")
 
@@ -342,12 +347,17 @@ def test_rollbacks_walk_back_the_alias_history_and_stop_at_the_first_holder(sqli
         assert [entry["version"] for entry in history] == [v["v1"]]
 
 
-def killed_at(method: str) -> MlflowClient:
-    """The real registry client, stopped as a kill would stop it when it reaches ``method``:
-    that write and everything after it never happen."""
+def killed_at(method: str, calls_before: int = 0) -> MlflowClient:
+    """The real registry client, stopped as a kill would stop it when it reaches ``method`` after
+    ``calls_before`` calls of it went through: that write and everything after it never happen."""
     client = MlflowClient()
+    real = getattr(client, method)
+    calls = []
 
     def killed(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= calls_before:
+            return real(*args, **kwargs)
         raise SystemExit(f"killed before {method}")
 
     setattr(client, method, killed)
@@ -363,9 +373,10 @@ def test_a_killed_promote_leaves_no_misleading_tags(sqlite_registry):
             promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_alias"))
         assert holder(NAME, "killed") == v["v1"]
         assert not [key for key in client.get_model_version(NAME, v["v2"]).tags if key.endswith(".killed")]
-        # killed right after the alias write, before the history and tags: a rollback still goes back to v1
+        # killed right after the alias write (the one tag before it is the lease), before the history
+        # and tags: a rollback still goes back to v1
         with pytest.raises(SystemExit):
-            promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_tag"))
+            promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_tag", calls_before=1))
         assert holder(NAME, "killed") == v["v2"]
         assert rollback(NAME, "killed").version == v["v1"]
         with pytest.raises(MlflowException, match="first holder"):
@@ -434,3 +445,58 @@ def test_rollback_skips_deleted_holders_and_says_which(sqlite_registry):
         assert f"skipped deleted version {doomed}" in str(back)
         assert holder(NAME, "skip") == v["v1"]
         assert [entry["version"] for entry in registry.alias_history(NAME, "skip", client)] == [v["v1"]]
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "bits"])
+def test_the_gate_refuses_weights_that_differ_from_their_recorded_sha256(sqlite_registry, staged, corrupt):
+    from urllib.parse import urlparse
+
+    from testkit.helpers import flip_mantissa_bits, overwrite_tensor
+
+    uri, _ = sqlite_registry
+    with store(uri) as client:
+        candidate = str(registry.register(staged["v1"], "sdxl-corrupt").version)
+        stored = Path(urlparse(client.get_model_version_download_uri("sdxl-corrupt", candidate)).path)
+        (weights,) = stored.rglob("base/unet/diffusion_pytorch_model.safetensors")
+        if corrupt == "nan":
+            overwrite_tensor(weights, "conv_out.weight", 0xFF)
+        else:
+            flip_mantissa_bits(weights, "conv_out.weight", 64)
+        with pytest.raises(PromotionRefused) as refused:
+            promote("sdxl-corrupt", candidate, "production")
+        assert holder("sdxl-corrupt", "production") is None
+    (failed,) = refused.value.report.failures
+    assert failed.name == "weights match their recorded sha256"
+    assert "component base/unet, file diffusion_pytorch_model.safetensors: sha256" in failed.detail
+
+
+def test_two_promotions_at_once_one_wins_and_the_other_says_so(sqlite_registry, tmp_path):
+    """Two real processes promote different versions to the same alias at the same moment."""
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        other = str(registry.copy_version(NAME, v["v1"], NAME).version)
+        promote(NAME, v["v1"], "race")
+        before = registry.alias_history(NAME, "race", client)
+    env = child_env(MLFLOW_TRACKING_URI=uri)
+    command = [sys.executable, str(ROOT / "build.py"), "promote", NAME, "--to", "race", "--version"]
+    logs = {version: (tmp_path / f"{version}.out", tmp_path / f"{version}.err") for version in (v["v2"], other)}
+    racers = {
+        version: subprocess.Popen([*command, version], cwd=ROOT, env=env, stdout=out.open("w"), stderr=err.open("w"))
+        for version, (out, err) in logs.items()
+    }
+    results = {
+        version: (p.wait(timeout=600), logs[version][0].read_text(), logs[version][1].read_text())
+        for version, p in racers.items()
+    }
+    winners = [version for version, (code, _, _) in results.items() if code == 0]
+    assert len(winners) == 1, results
+    (winner,), (loser,) = winners, [version for version in results if version not in winners]
+    assert f"-> version {winner} (was version {v['v1']})" in results[winner][1]
+    assert results[loser][0] == 1
+    assert f"was moved to version {winner} by someone else" in results[loser][2]
+    with store(uri) as client:
+        assert holder(NAME, "race") == winner
+        history = registry.alias_history(NAME, "race", client)
+        assert [e["version"] for e in history] == [e["version"] for e in before] + [winner]  # no phantom entry
+        assert "lease.race" not in client.get_registered_model(NAME).tags
+        assert "validation.race" not in client.get_model_version(NAME, loser).tags
