@@ -473,13 +473,14 @@ def test_the_gate_refuses_weights_that_differ_from_their_recorded_sha256(sqlite_
 def test_two_promotions_at_once_one_wins_and_the_other_says_so(sqlite_registry, tmp_path):
     """Two real processes promote different versions to the same alias at the same moment."""
     uri, v = sqlite_registry
+    race = "sdxl-race"  # its own model: the CLI moves staging / production only
     with store(uri) as client:
-        other = str(registry.copy_version(NAME, v["v1"], NAME).version)
-        promote(NAME, v["v1"], "race")
-        before = registry.alias_history(NAME, "race", client)
+        first, second, third = (str(registry.copy_version(NAME, v[k], race).version) for k in ("v1", "v2", "v1"))
+        promote(race, first, "staging")
+        before = registry.alias_history(race, "staging", client)
     env = child_env(MLFLOW_TRACKING_URI=uri)
-    command = [sys.executable, str(ROOT / "build.py"), "promote", NAME, "--to", "race", "--version"]
-    logs = {version: (tmp_path / f"{version}.out", tmp_path / f"{version}.err") for version in (v["v2"], other)}
+    command = [sys.executable, str(ROOT / "build.py"), "promote", race, "--to", "staging", "--version"]
+    logs = {version: (tmp_path / f"{version}.out", tmp_path / f"{version}.err") for version in (second, third)}
     racers = {
         version: subprocess.Popen([*command, version], cwd=ROOT, env=env, stdout=out.open("w"), stderr=err.open("w"))
         for version, (out, err) in logs.items()
@@ -491,12 +492,12 @@ def test_two_promotions_at_once_one_wins_and_the_other_says_so(sqlite_registry, 
     winners = [version for version, (code, _, _) in results.items() if code == 0]
     assert len(winners) == 1, results
     (winner,), (loser,) = winners, [version for version in results if version not in winners]
-    assert f"-> version {winner} (was version {v['v1']})" in results[winner][1]
+    assert f"-> version {winner} (was version {first})" in results[winner][1]
     assert results[loser][0] == 1
     assert f"was moved to version {winner} by someone else" in results[loser][2]
     with store(uri) as client:
-        assert holder(NAME, "race") == winner
-        history = registry.alias_history(NAME, "race", client)
+        assert holder(race, "staging") == winner
+        history = registry.alias_history(race, "staging", client)
         assert [e["version"] for e in history] == [e["version"] for e in before] + [winner]  # no phantom entry
-        assert "lease.race" not in client.get_registered_model(NAME).tags
-        assert "validation.race" not in client.get_model_version(NAME, loser).tags
+        assert "lease.staging" not in client.get_registered_model(race).tags
+        assert "validation.staging" not in client.get_model_version(race, loser).tags
