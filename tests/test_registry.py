@@ -470,9 +470,10 @@ def test_the_gate_refuses_weights_that_differ_from_their_recorded_sha256(sqlite_
     assert "component base/unet, file diffusion_pytorch_model.safetensors: sha256" in failed.detail
 
 
-def test_two_promotions_at_once_one_wins_and_the_other_says_so(sqlite_registry, tmp_path):
+@pytest.mark.parametrize("where", ["sqlite_registry", "server_registry"])
+def test_two_promotions_at_once_one_wins_and_the_other_says_so(request, tmp_path, where):
     """Two real processes promote different versions to the same alias at the same moment."""
-    uri, v = sqlite_registry
+    uri, v = request.getfixturevalue(where)[:2]
     race = "sdxl-race"  # its own model: the CLI moves staging / production only
     with store(uri) as client:
         first, second, third = (str(registry.copy_version(NAME, v[k], race).version) for k in ("v1", "v2", "v1"))
