@@ -69,6 +69,9 @@ class ModelConfig(BaseModel):
         "refused up front (400), one running past it stops between denoising steps (504); 0: no deadline; "
         "null (default): the serving platform's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where it is set, else none",
     )
+    verify_weights: Literal["headers", "full"] = Field(
+        "headers", description="at load: file sizes + safetensors headers (ms), or full: every file's sha256"
+    )
     # Speed and memory (applied once at load: pipelines.apply_options); the defaults are plain diffusers.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="PyTorch scaled_dot_product_attention or not")
     channels_last: bool = Field(False, description="UNets and VAE in channels_last memory format")

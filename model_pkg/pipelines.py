@@ -40,6 +40,7 @@ from model_pkg.config import ModelConfig
 from model_pkg.controlnet import load_controlnets
 from model_pkg.safety import SafetyChecker
 from model_pkg.schedulers import make_scheduler
+from model_pkg.weights import verify_weights
 
 MANIFEST = "components.json"
 
@@ -55,6 +56,7 @@ class ManifestKey(StrEnum):
     LORAS = "loras"  # adapter name -> {"path", "weight_name", "sha256"}
     CONTROLNETS = "controlnets"  # ControlNet name -> {"path" (a diffusers ControlNetModel folder), "sha256"}
     HASHES = "hashes"  # component -> sha256 of its files (identity of the weights)
+    FILES = "files"  # component folder -> {file: {"sha256", "size"}}: what verify_weights checks
     SOURCES = "sources"  # role -> the folder it was built from
 
 
@@ -189,6 +191,8 @@ def load_pipelines(root: str | Path, config: ModelConfig) -> Pipelines:
     logging.getLogger("diffusers.models.modeling_utils").addFilter(_FP32_FILTER)  # idempotent
     manifest = json.loads((root / MANIFEST).read_text())
     K = ManifestKey
+    if K.FILES in manifest or config.verify_weights == "full":  # artifacts older than file digests: not cheaply
+        verify_weights(root, manifest.get(K.FILES), manifest.get(K.HASHES) or {}, config.verify_weights == "full")
     capabilities = cpu_capabilities()
     device, dtype = choose_device_dtype(config, capabilities)
     logger.info("loading SDXL base + refiner on %s in %s (%s)", device, dtype, _why(config, device, capabilities))

@@ -30,7 +30,7 @@ from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.config import load_model_config
 from model_pkg.pipelines import ManifestKey as K
 from sdxl_tools import ROOT, TEMPLATE
-from sdxl_tools.files import link_or_copy
+from sdxl_tools.files import link_or_copy, publish_modes
 from sdxl_tools.signature import signature
 from sdxl_tools.staging import Staged
 
@@ -119,6 +119,7 @@ def save_artifact(
         mlflow.pyfunc.save_model(path=str(output), **_model_kwargs(staged, model_config, folder=skeleton))
     try:
         _put_weights(staged.folder, output, move_weights)
+        publish_modes(output)  # MLflow and copy2 keep source modes (a 0600 weight file)
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)  # no half-written model
         raise

@@ -109,6 +109,16 @@ def fix_seeds(df: pd.DataFrame, request_seed: int) -> pd.DataFrame:
     return df.assign(seed=seeds)
 
 
+def _planned_seed(value: Any) -> int | None:
+    """A row's seed as the manifest records it, or None when the row's seed is not a plain int."""
+    if isinstance(value, bool) or value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    try:
+        return int(value) if float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _entry(row: int, out: dict[str, Any], file: str | None) -> dict[str, Any]:
     seed, nsfw, error = out["seed"], out["nsfw_content_detected"], out.get("error")
     return {
@@ -150,8 +160,6 @@ def run_locked(
     source: ModelIdentity | None,
 ) -> Summary:
     """:func:`run` with the output lock held."""
-    from tqdm.auto import tqdm  # a dependency of diffusers and huggingface_hub
-
     if chunk_size < 1:
         raise BatchError("--chunk-size must be at least 1")
     input_path, output = Path(input_path), Path(output)
@@ -159,12 +167,39 @@ def run_locked(
     request = parse_params(params)  # bad params fail here, before any output is written
     df = read_prompts(input_path)
     model.unwrap_python_model().check_request(df, params)  # request-level errors before anything is written
+    try:
+        return _score(model, df, input_path, output, params, request, chunk_size, retry_errors, progress, source)
+    except OSError as e:  # disk full, read-only or vanished folder, a file size limit
+        raise BatchError(
+            f"cannot write the job's output: {e.strerror or e} ({e.filename or output}); the manifest holds "
+            "the rows finished so far: make room or make the folder writable, then rerun to resume"
+        ) from e
+
+
+def _score(
+    model: Any,
+    df: pd.DataFrame,
+    input_path: Path,
+    output: Path,
+    params: dict[str, Any],
+    request: Any,
+    chunk_size: int,
+    retry_errors: bool,
+    progress: bool,
+    source: ModelIdentity | None,
+) -> Summary:
+    """Score the rows the manifest lacks (:func:`run_locked` after its checks)."""
+    from tqdm.auto import tqdm  # a dependency of diffusers and huggingface_hub
+
     check_job(output, input_path, params, loaded_identity(model, source))
     df = fix_seeds(df, request.seed)
     fmt = request.output_format
 
     manifest = Manifest(output)
-    done = manifest.load(len(df), retry_errors)
+    seeds = [_planned_seed(v) for v in df["seed"]] if "seed" in df.columns else None
+    done = manifest.load(len(df), retry_errors, fmt, seeds)
+    for dropped in manifest.dropped:
+        print(f"warning: {dropped}", file=sys.stderr)
     pending = [row for row in range(len(df)) if row not in done]
     bar = tqdm(total=len(df), initial=len(done), unit="img", desc="scoring", disable=not progress, file=sys.stderr)
     start = time.perf_counter()

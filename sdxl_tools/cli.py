@@ -11,11 +11,13 @@
     sdxl-pyfunc promote sdxl --to production --rollback          # back to the previous holder
     sdxl-pyfunc copy sdxl --version 2 --to sdxl-prod             # copy_model_version to another name
     sdxl-pyfunc batch --model URI --input prompts.csv --output DIR   # the resumable file job
+    sdxl-pyfunc verify URI                                       # every weight file against its sha256
 
 Registry commands use MLFLOW_TRACKING_URI, else ./mlflow.db + ./mlruns.
 
-Exit codes: 0 done; 1 the operation failed (a build error, a refused promotion, a registry error:
-the message says which); 2 the arguments do not fit together, or a batch job refused to start;
+Exit codes: 0 done; 1 the operation failed (a build error, a refused promotion, a registry error,
+a weight file that differs from its recorded sha256: the message says which); 2 the arguments do not
+fit together, or a batch job refused to start or could not write its output (disk full, read-only);
 130 interrupted (a batch job resumes where it stopped).
 
 Only argparse is imported up front: ``--help`` and argument errors answer at once, and each command
@@ -207,6 +209,26 @@ def cmd_copy(args: argparse.Namespace) -> None:
     print(f"copied {source} to models:/{args.to}/{copied.version} ({copied.tags['copied_from']})")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from sdxl_tools.scratch import scratch_dir
+    from sdxl_tools.verify import verify_model
+
+    with scratch_dir() as scratch:
+        local = Path(args.uri)
+        if not local.is_dir():
+            from sdxl_tools import registry
+
+            registry.use_store()
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=args.uri, dst_path=str(scratch)))
+        verified = verify_model(local)
+    print(
+        f"verified {args.uri}: {verified.files} files ({verified.bytes / 1e6:.1f} MB) match their recorded "
+        f"sha256; model hash {verified.model_hash}"
+    )
+
+
 def cmd_template(args: argparse.Namespace) -> None:
     from sdxl_tools import TEMPLATE
     from sdxl_tools.signature import signature
@@ -294,6 +316,8 @@ def cmd_batch(args: argparse.Namespace) -> int | None:
             )
     except mlflow.exceptions.MlflowException as e:
         raise BatchError(str(e)) from e
+    except OSError as e:  # e.g. the lock file of a read-only or vanished --output
+        raise BatchError(f"cannot write to {args.output}: {e.strerror or e} ({e.filename or args.output})") from e
     except KeyboardInterrupt:
         print("interrupted: finished rows are in the manifest; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -343,6 +367,10 @@ def parser() -> argparse.ArgumentParser:
     copy.add_argument("--alias", help="source alias (instead of --version)")
     copy.add_argument("--to", required=True, help="destination registered model (created if missing)")
     copy.set_defaults(func=cmd_copy)
+
+    verify = sub.add_parser("verify", help="hash every weight file of a model against components.json")
+    verify.add_argument("uri", help="model URI: a path, runs:/..., models:/NAME/VERSION, models:/NAME@alias")
+    verify.set_defaults(func=cmd_verify)
 
     template = sub.add_parser("template", help="re-render MLmodel_template/signature.json from the code")
     template.set_defaults(func=cmd_template)

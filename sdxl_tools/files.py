@@ -14,23 +14,56 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+FILE_MODE, DIR_MODE = 0o644, 0o755  # an artifact's files: readable by a server running as another user
+
+
+def make_dirs(folder: Path) -> None:
+    """``mkdir -p`` whose new folders are 0755, whatever the umask."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        created.chmod(DIR_MODE)
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (no extra disk for multi-GB weights), else copy it."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copy2(src, dst)
+    """Hard-link ``src`` to ``dst`` (no extra disk for multi-GB weights), else copy it as 0644.
+
+    A source that others cannot read is copied: a link shares the mode, and the user's file is left alone.
+    """
+    make_dirs(dst.parent)
+    if Path(src).stat().st_mode & 0o444 == 0o444:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another filesystem, or one without hard links
+            pass
+    shutil.copyfile(src, dst)
+    dst.chmod(FILE_MODE)
+
+
+def publish_modes(folder: Path) -> None:
+    """Files 0644, folders 0755 under ``folder`` (a saved artifact: copies, never a user's files)."""
+    folder.chmod(DIR_MODE)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name, flush to disk, rename: readers see all of it or nothing."""
+    """Write under a temporary name, flush to disk, rename: readers see all of it or nothing.
+
+    A failed write (disk full, read-only, a file size limit) removes its temporary file and raises.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(path: Path) -> None:

@@ -3,15 +3,19 @@
 The candidate is downloaded from the registry and loaded like a server would load it: in a child
 process (``python -m sdxl_tools.gate``), which imports only the code the candidate carries (MLflow
 ``code_paths``, never this process's ``model_pkg``), reports its checks as JSON, and takes the
-candidate's memory with it when it ends. It must score its own input example (the MLmodel's, with
-its small params), return the output columns and types its signature declares, give the same bytes
-twice for a fixed seed, and keep the signature of the version that holds the target alias now: no
-removed input columns or params, no newly required input, no changed types, no removed output columns.
+candidate's memory with it when it ends. Before that, every weight file must match the sha256
+its ``components.json`` records (:mod:`sdxl_tools.verify`). It must score its own input example
+(the MLmodel's, with its small params), return the output columns and types its signature
+declares, make images that are neither one colour nor the same for different seeds, give the same
+bytes twice for a fixed seed, and keep the signature of the version that holds the target alias
+now: no removed input columns or params, no newly required input, no changed types, no removed
+output columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -171,6 +175,44 @@ def output_problems(frame: Any, schema: Schema | None, rows: int) -> list[str]:
     return problems
 
 
+def _pixels(frame: pd.DataFrame) -> list[tuple[int, np.ndarray]]:
+    """Each row's decoded image (``generated_image``: base64 of an image file), by row number."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    images = frame["generated_image"] if isinstance(frame, pd.DataFrame) and "generated_image" in frame else []
+    decoded = []
+    for row, value in enumerate(images):
+        if isinstance(value, str):
+            with Image.open(io.BytesIO(base64.b64decode(value))) as image:
+                decoded.append((row, np.asarray(image.convert("RGB"), dtype=np.float64)))
+    return decoded
+
+
+def image_problems(frame: pd.DataFrame) -> list[str]:
+    """Images a broken model makes: non-finite, one colour (NaN weights decode to black), or the same
+    picture for different seeds (the noise is ignored)."""
+    problems, decoded = [], _pixels(frame)
+    if not decoded:
+        return ["no images to look at"]
+    for row, pixels in decoded:
+        if not np.isfinite(pixels).all():
+            problems.append(f"row {row}: non-finite pixels")
+        elif pixels.std() == 0:
+            problems.append(f"row {row}: one colour {tuple(int(c) for c in pixels[0, 0])} (std 0)")
+    seeds = frame["seed"].tolist() if "seed" in frame else [None] * len(frame)
+    for (a, pa), (b, pb) in itertools.pairwise(decoded):
+        if seeds[a] != seeds[b] and pa.shape == pb.shape and np.array_equal(pa, pb):
+            problems.append(f"rows {a} and {b}: the same image for seeds {seeds[a]} and {seeds[b]}")
+    return problems
+
+
+def _image_summary(frame: pd.DataFrame) -> str:
+    return ", ".join(f"row {row}: mean {p.mean():.1f}, std {p.std():.1f}" for row, p in _pixels(frame))
+
+
 def _differences(first: pd.DataFrame, second: pd.DataFrame) -> list[int]:
     columns = [c for c in ("generated_image", "seed") if c in first.columns and c in second.columns]
     if not columns:
@@ -196,12 +238,25 @@ def validate(name: str, version: str, alias: str, holder: str | None = None) -> 
         except Exception as e:  # any load failure is a verdict, not a crash
             report.add("loads from the registry", [f"{type(e).__name__}: {e}"])
             return report
+        if not _check_weights(report, local):
+            return report  # what would be scored is not what was built
         loads, *scoring = _score_in_child(local, tmp)
         report.checks.append(dataclasses.replace(loads, detail=loads.detail or f"models:/{name}/{version}"))
         if loads.ok:
             _check_signature(report, meta.signature, name, report.holder, report.version)
             report.checks += scoring
     return report
+
+
+def _check_weights(report: GateReport, local: str) -> bool:
+    from sdxl_tools.verify import verify_model  # imports model_pkg: never in the child (see above)
+
+    try:
+        verified = verify_model(local)
+    except Exception as e:
+        return report.add("weights match their recorded sha256", [f"{type(e).__name__}: {e}"])
+    detail = f"{verified.files} files, {verified.bytes / 1e6:.1f} MB, model hash {verified.model_hash[:12]}"
+    return report.add("weights match their recorded sha256", [], detail)
 
 
 def _score_in_child(local: str, tmp: Path) -> list[Check]:
@@ -243,6 +298,7 @@ def check_candidate(local: str) -> list[Check]:
     report.add("scores its input example", [], f"{len(example)} rows, params {params}, {took:.1f} s")
     outputs = meta.signature.outputs if meta.signature is not None else None
     report.add("output matches the declared schema", output_problems(first, outputs, len(example)))
+    report.add("images are not blank, broken or seed-independent", image_problems(first), _image_summary(first))
     _check_determinism(report, model, example, params, first, meta.signature)
     return report.checks
 

@@ -4,7 +4,6 @@ it is loaded (registry version, model hash, model config) and from the loaded mo
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +41,15 @@ def registry_version(uri: str) -> tuple[str, str] | None:
 def artifact_identity(
     local: Path, uri: str | None, registered: tuple[str, str] | None, overrides: dict[str, Any] | None
 ) -> ModelIdentity:
-    """The identity of a model folder, read from its files without loading the pipelines."""
+    """The identity of a model folder, read from its files without loading the pipelines; every weight
+    file is hashed first (a mismatch raises), so the model hash is the content's."""
     from mlflow.models import Model
 
-    from model_pkg.catalog import model_hash
     from model_pkg.config import load_model_config
-    from model_pkg.pipelines import MANIFEST as COMPONENTS
-    from model_pkg.pipelines import ManifestKey
+    from sdxl_tools.verify import verify_model
 
+    verified = verify_model(local)
     flavor = Model.load(local).flavors["python_function"]
-    components = json.loads((local / flavor["artifacts"]["sdxl"]["path"] / COMPONENTS).read_text())
     packaged = flavor.get("config") or {}
     # as mlflow.pyfunc.load_model(model_config=...): only keys the artifact declares are overridden
     config = packaged | {k: v for k, v in (overrides or {}).items() if k in packaged}
@@ -60,7 +58,7 @@ def artifact_identity(
         uri,
         name,
         version,
-        model_hash(components[ManifestKey.HASHES]),
+        verified.model_hash,
         load_model_config(config).model_dump(mode="json"),
     )
 

@@ -21,6 +21,17 @@ LOCK_FILE = ".lock"
 IMAGES = "images"
 
 
+def _decodable(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # the file's structure and checksums, without decoding every pixel
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return False
+    return True
+
+
 class BatchError(ValueError):
     """The job cannot start; the message says what to fix."""
 
@@ -33,39 +44,65 @@ class Manifest:
         self.path = output / MANIFEST
         self.images = output / IMAGES
 
-    def load(self, rows: int, retry_errors: bool = False) -> dict[int, dict[str, Any]]:
-        """Finished rows by row number, after dropping what a crash or ``retry_errors`` leaves out."""
+    def load(
+        self, rows: int, retry_errors: bool = False, fmt: str = "png", seeds: list[int | None] | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """Finished rows by row number, after dropping what a crash, ``retry_errors`` or a bad line leaves out.
+
+        A line is kept only when it is what this job would have written for its row: ``row`` an int
+        in range, either ``file`` (``images/<row:06d>.<fmt>``, present and decodable) or ``error``,
+        and the row's planned seed (``seeds``). Other lines are dropped, each named in
+        :attr:`dropped` by line number, and their rows are scored again.
+        """
         self.images.mkdir(parents=True, exist_ok=True)
+        self.dropped: list[str] = []
         for leftover in self.images.glob(".*.tmp"):  # a write cut off before its rename
             leftover.unlink()
         if not self.path.exists():
             return {}
-        text = self.path.read_text(encoding="utf-8")
+        data = self.path.read_bytes()
         entries: dict[int, dict[str, Any]] = {}
-        for line in text.splitlines(keepends=True):
-            entry = self._parse(line, rows)
-            if entry is None or entry["row"] in entries:
+        for number, line in enumerate(data.splitlines(keepends=True), 1):
+            entry, problem = self._parse(line, rows, fmt, seeds)
+            if problem is None and entry["row"] in entries:
+                problem = f"row {entry['row']} again"
+            if problem is not None:
+                if problem:  # "": a torn last line, expected after a crash
+                    self.dropped.append(f"{self.path}:{number}: {problem}; the row is scored again")
                 continue
-            if retry_errors and entry.get("error") is not None:
+            if retry_errors and entry["error"] is not None:
                 continue
             entries[entry["row"]] = entry
-        kept = "".join(json.dumps(e) + "\n" for e in entries.values())
-        if kept != text:
-            write_atomic(self.path, kept.encode("utf-8"))
+        kept = "".join(json.dumps(e) + "\n" for e in entries.values()).encode("utf-8")
+        if kept != data:
+            write_atomic(self.path, kept)
         return entries
 
-    def _parse(self, line: str, rows: int) -> dict[str, Any] | None:
-        if not line.endswith("\n"):
-            return None  # torn by a crash mid-write
+    def _parse(
+        self, line: bytes, rows: int, fmt: str, seeds: list[int | None] | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The line's entry, and why it cannot be kept (None: it can)."""
+        if not line.endswith(b"\n"):
+            return {}, ""  # torn by a crash mid-write
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(entry, dict) or not isinstance(entry.get("row"), int) or not 0 <= entry["row"] < rows:
-            return None
-        if entry.get("file") and not (self.output / entry["file"]).is_file():
-            return None  # the line outlived its image (e.g. a power cut): score the row again
-        return entry
+            entry = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return {}, f"not a JSON line ({type(e).__name__})"
+        if not isinstance(entry, dict):
+            return {}, "not a JSON object"
+        row, file, error = entry.get("row"), entry.get("file"), entry.get("error")
+        if type(row) is not int or not 0 <= row < rows:  # type(): True is an int to isinstance
+            return entry, f"'row' {row!r} is not a row number below {rows}"
+        if (file is None) == (error is None) or not isinstance(file or error, str):
+            return entry, f"row {row}: needs a 'file' or an 'error' string, not both or neither"
+        if file is not None and file != f"{IMAGES}/{row:06d}.{fmt}":
+            return entry, f"row {row}: 'file' {file!r} is not {IMAGES}/{row:06d}.{fmt}"
+        planned = seeds[row] if seeds is not None else None
+        if planned is not None and entry.get("seed") not in ((planned,) if file else (planned, None)):
+            return entry, f"row {row}: 'seed' {entry.get('seed')!r} is not its planned seed {planned}"
+        if file is not None and not _decodable(self.output / file):
+            return entry, f"row {row}: {file} is missing or not a readable image"  # e.g. after a power cut
+        return entry, None
 
     def append(self, entries: list[dict[str, Any]]) -> None:
         """Append whole lines with one write each, then flush them to disk."""

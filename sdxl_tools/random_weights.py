@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from model_pkg.schedulers import SDXL_SCHEDULER
-from sdxl_tools.files import link_or_copy
+from sdxl_tools.files import link_or_copy, publish_modes
 
 TEXT_HIDDEN = 32
 TIME_EMBED_DIM = 8
@@ -229,6 +229,7 @@ def save_sdxl_pipelines(
         add_watermarker=False,
     )
     base.save_pretrained(out / "base", safe_serialization=True)
+    publish_modes(out / "base")  # save_pretrained writes 0600 weights; link_or_copy links only readable ones
     # The refiner folder as save_pretrained lays it out, but the components it shares with the base
     # are hard links to the base's files: a full-size build would otherwise write 1.6 GB twice.
     refiner.save_config(out / "refiner")  # model_index.json
@@ -239,6 +240,7 @@ def save_sdxl_pipelines(
             if file.is_file():
                 link_or_copy(file, out / "refiner" / name / file.relative_to(out / "base" / name))
 
+    publish_modes(out / "refiner")
     checker_dir = None
     if safety_checker is not None:
         checker_dir = write_tiny_safety_checker(out / "safety_checker", safety_checker)
@@ -274,6 +276,7 @@ def write_tiny_lora(out_dir: str | Path, base_dir: str | Path, seed: int = 1, ra
         text_encoder_2_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(base.text_encoder_2)),
         safe_serialization=True,
     )
+    publish_modes(out)
     return out
 
 
@@ -307,6 +310,7 @@ def write_tiny_safety_checker(folder: str | Path, flag: str = "never", seed: int
     torch.manual_seed(seed)
     tiny_safety_checker(flag).save_pretrained(folder, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    publish_modes(folder)
     return folder
 
 

@@ -24,7 +24,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import socket
+import time
+import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
@@ -51,6 +57,9 @@ VALIDATED = "validation.{alias}"  # tag: the gate's verdict for that alias
 ROLLED_BACK = "rolled_back.{alias}"  # tag on the version an alias was rolled back from
 HISTORY = "alias_history.{alias}"  # registered-model tag: JSON list of the alias's holders, oldest first
 HISTORY_LIMIT = 64  # holders kept (a registered-model tag holds 5000 characters in SQL stores)
+LEASE = "lease.{alias}"  # registered-model tag: {"owner", "until"} of the one process moving the alias
+LEASE_SECONDS = 120.0  # a killed promotion blocks the alias this long at most
+LEASE_SETTLE = 1.0  # after writing a lease, wait this long before reading it back (see alias_lease)
 LIFECYCLE_PREFIXES = ("previous.", "validation.", "rolled_back.")  # not carried over by copy_version
 PACKAGES = ("diffusers", "transformers", "torch", "mlflow", "accelerate", "safetensors")
 
@@ -156,12 +165,14 @@ class Promotion:
     previous: str | None
     report: GateReport | None = None
     stage: str | None = None
+    skipped: tuple[str, ...] = ()  # a rollback: deleted versions passed over on the way back
 
     def __str__(self) -> str:
         moved = f"models:/{self.name}@{self.alias} -> version {self.version}"
         before = f" (was version {self.previous})" if self.previous else " (was unset)"
         stage = f"; stage {self.stage}" if self.stage else ""
-        return moved + before + stage
+        skipped = "".join(f"; skipped deleted version {v}" for v in self.skipped)
+        return moved + before + stage + skipped
 
 
 def holder(name: str, alias: str, client: MlflowClient | None = None) -> str | None:
@@ -209,6 +220,57 @@ def _write_history(client: MlflowClient, name: str, alias: str, history: list[di
     client.set_registered_model_tag(name, HISTORY.format(alias=alias), json.dumps(history[-HISTORY_LIMIT:]))
 
 
+def _lease(client: MlflowClient, name: str, key: str) -> dict[str, Any] | None:
+    recorded = client.get_registered_model(name).tags.get(key)
+    return json.loads(recorded) if recorded else None
+
+
+@contextmanager
+def alias_lease(name: str, alias: str, client: MlflowClient, wait: float = LEASE_SECONDS + 10) -> Iterator[None]:
+    """Hold the lease on ``name@alias`` (tag ``lease.<alias>``) while the block moves the alias.
+
+    MLflow has no compare-and-set on aliases or tags, so this writes its lease, waits
+    :data:`LEASE_SETTLE` and reads it back: of two processes that both saw the lease free, the later
+    write wins and the earlier one sees it lost and waits. Waits up to ``wait`` seconds for a held
+    lease; one older than :data:`LEASE_SECONDS` (its holder was killed) is taken over.
+    """
+    key = LEASE.format(alias=alias)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait
+    while True:
+        held = _lease(client, name, key)
+        if held is None or held["until"] < time.time():
+            lease = {"owner": owner, "until": time.time() + LEASE_SECONDS}
+            client.set_registered_model_tag(name, key, json.dumps(lease))
+            time.sleep(LEASE_SETTLE)  # a rival that read "free" at the same moment writes within this
+            held = _lease(client, name, key)
+            if held is not None and held["owner"] == owner:
+                break
+        if time.monotonic() > deadline:
+            raise MlflowException(
+                f"models:/{name}@{alias} is being moved by {held and held['owner']}; nothing changed, try again",
+                INVALID_STATE,
+            )
+        time.sleep(0.2 + random.random() / 2)
+    try:
+        yield
+    finally:
+        held = _lease(client, name, key)
+        if held is not None and held["owner"] == owner:
+            client.delete_registered_model_tag(name, key)
+
+
+def _still(client: MlflowClient, name: str, alias: str, expected: str | None, why: str) -> None:
+    """Refuse when the alias no longer points where this move started from (another process moved it)."""
+    now = holder(name, alias, client)
+    if now != expected:
+        raise MlflowException(
+            f"models:/{name}@{alias} was moved to version {now} by someone else {why} (expected {expected}); "
+            "this process changed nothing: rerun it to act on the new holder",
+            INVALID_STATE,
+        )
+
+
 def promote(
     name: str,
     version: str | int,
@@ -236,8 +298,24 @@ def promote(
         raise PromotionRefused(report)
     if dry_run:
         return Promotion(name, alias, version, current, report)
+    with alias_lease(name, alias, client):
+        # the gate compared with ``current``: a rival that moved the alias meanwhile voids the verdict
+        _still(client, name, alias, current, "while the gate ran")
+        return _move(client, name, version, alias, current, report, use_stages)
+
+
+def _move(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    alias: str,
+    current: str | None,
+    report: GateReport,
+    use_stages: bool,
+) -> Promotion:
     # the alias first: everything written after it describes a move that happened (see the module docs)
     client.set_registered_model_alias(name, alias, version)
+    _still(client, name, alias, version, "as this promotion wrote it")  # a writer that ignores the lease
     history = alias_history(name, alias, client)
     if current is not None and current != version and (not history or history[-1]["version"] != current):
         history.append({"version": current, "at": "unknown"})  # the alias was moved without this module
@@ -255,6 +333,11 @@ def rollback(name: str, alias: str, *, use_stages: bool = False, client: MlflowC
     """Point ``alias`` back at the version that held it before its current holder took it."""
     client = client or MlflowClient()
     _check_alias(alias, use_stages)
+    with alias_lease(name, alias, client):
+        return _roll_back(client, name, alias, use_stages)
+
+
+def _roll_back(client: MlflowClient, name: str, alias: str, use_stages: bool) -> Promotion:
     current = holder(name, alias, client)
     if current is None:
         raise MlflowException(f"models:/{name}@{alias} is not set: nothing to roll back", RESOURCE_DOES_NOT_EXIST)
@@ -263,19 +346,32 @@ def rollback(name: str, alias: str, *, use_stages: bool = False, client: MlflowC
         history.pop()
     # else the current holder took the alias without a history entry (moved by hand, or a promote
     # killed after its alias write, or a rollback killed before it): the last recorded holder is the target
+    skipped = []
+    while history and not _exists(client, name, history[-1]["version"]):
+        skipped.append(history.pop()["version"])  # deleted since it held the alias
     if not history:
+        gone = f" (deleted: versions {', '.join(skipped)})" if skipped else ""
         raise MlflowException(
             f"version {current} of {name} is the first holder of @{alias} on record (tag "
-            f"{HISTORY.format(alias=alias)!r}): it records no previous holder to roll back to",
+            f"{HISTORY.format(alias=alias)!r}): it records no previous holder to roll back to{gone}",
             INVALID_STATE,
         )
     previous = history[-1]["version"]
-    client.get_model_version(name, previous)  # still there (not deleted)?
     _write_history(client, name, alias, history)  # the history first (see the module docs)
     client.set_registered_model_alias(name, alias, previous)
     client.set_model_version_tag(name, current, ROLLED_BACK.format(alias=alias), f"{_now()}, back to {previous}")
     stage = _transition(client, name, previous, alias) if use_stages else None
-    return Promotion(name, alias, previous, current, None, stage)
+    return Promotion(name, alias, previous, current, None, stage, tuple(skipped))
+
+
+def _exists(client: MlflowClient, name: str, version: str) -> bool:
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 # -- copy ---------------------------------------------------------------------------------------

@@ -12,10 +12,8 @@ style table are staged beside the pipelines. Files are hard-linked where the fil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,9 @@ from typing import Any
 from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.pipelines import MANIFEST
 from model_pkg.pipelines import ManifestKey as K
+from model_pkg.weights import component_digest
 from sdxl_tools import TEMPLATE, VARIANTS
-from sdxl_tools.files import link_or_copy, sha256
+from sdxl_tools.files import FILE_MODE, link_or_copy, make_dirs, sha256
 
 LORA_DIR = "loras"
 CONTROLNET_DIR = "controlnets"
@@ -99,8 +98,7 @@ def stage_loras(loras: dict[str, Path], out: Path) -> dict[str, dict[str, str]]:
         weights = _weights_file(Path(source))
         _check_lora_file(weights)
         target = out / LORA_DIR / name / weights.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(weights, target)
+        link_or_copy(weights, target)
         manifest[name] = {"path": f"{LORA_DIR}/{name}", "weight_name": weights.name, "sha256": sha256(target)}
     return manifest
 
@@ -120,14 +118,16 @@ def stage_controlnets(controlnets: dict[str, Path], out: Path, variant: str) -> 
             raise BuildError(f"--controlnet {name}: {source} has no safetensors weights")
         for f in files:
             link_or_copy(f, out / CONTROLNET_DIR / name / f.relative_to(source))
-        manifest[name] = {"path": f"{CONTROLNET_DIR}/{name}", "sha256": _hash(files, source)}
+        manifest[name] = {"path": f"{CONTROLNET_DIR}/{name}", "sha256": _hash(_records(files, source))}
     return manifest
 
 
 def stage_styles(out: Path, source: Path) -> str:
     """Copy the style table into the artifact folder; its manifest entry."""
     load_styles(source)  # a malformed table fails the build, not the first request
+    make_dirs(out)
     (out / STYLES_FILE).write_bytes(Path(source).read_bytes())
+    (out / STYLES_FILE).chmod(FILE_MODE)
     return STYLES_FILE
 
 
@@ -153,12 +153,13 @@ def _select_files(component: Path, variant: str) -> list[Path]:
     return configs + weights
 
 
-def _hash(files: list[Path], root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(bytes.fromhex(sha256(path)))
-    return digest.hexdigest()
+def _records(files: list[Path], root: Path) -> dict[str, dict[str, Any]]:
+    """What ``verify_weights`` checks later: each file's sha256 and size, by path in its component."""
+    return {str(p.relative_to(root)): {"sha256": sha256(p), "size": p.stat().st_size} for p in sorted(files)}
+
+
+def _hash(records: dict[str, dict[str, Any]]) -> str:
+    return component_digest({name: record["sha256"] for name, record in records.items()})
 
 
 def _components(pipeline_dir: Path, expected_class: str) -> list[str]:
@@ -198,6 +199,7 @@ def stage_components(
         raise BuildError(f"variant must be one of {VARIANTS}")
     base, refiner, out = Path(base), Path(refiner), Path(out)
     hashes: dict[str, str] = {}
+    records: dict[str, dict[str, dict[str, Any]]] = {}  # component folder -> file -> sha256, size
     shared: list[str] = []
     pipelines = {  # validated before anything is written
         "base": (base, _components(base, "StableDiffusionXLPipeline")),
@@ -208,24 +210,32 @@ def stage_components(
         for name in components:
             folder = Path(vae) if vae is not None and name == "vae" else src / name
             files = _select_files(folder, variant)
-            digest = _hash(files, folder)
+            component = _records(files, folder)
+            digest = _hash(component)
             if role == "refiner" and name in SHAREABLE and hashes.get(f"base/{name}") == digest:
                 shared.append(name)  # identical to the base's: loaded once, stored once (weights)
                 if name not in KEEP_IN_REFINER:
                     continue
             else:
                 hashes[f"{role}/{name}"] = digest
+            records[f"{role}/{name}"] = component
             for f in files:
                 link_or_copy(f, out / role / name / f.relative_to(folder))
     if safety_checker is not None:
         files = _select_files(Path(safety_checker), variant)
         if not any(f.suffix == ".safetensors" for f in files):
             raise BuildError(f"{safety_checker} has no safetensors weights")
-        hashes["safety_checker"] = _hash(files, Path(safety_checker))
+        records["safety_checker"] = _records(files, Path(safety_checker))
+        hashes["safety_checker"] = _hash(records["safety_checker"])
         for f in files:
             link_or_copy(f, out / "safety_checker" / f.relative_to(safety_checker))
     lora_entries = stage_loras(loras or {}, out)
+    for entry in lora_entries.values():
+        records[entry["path"]] = _records([out / entry["path"] / entry["weight_name"]], out / entry["path"])
     controlnet_entries = stage_controlnets(controlnets or {}, out, variant)
+    for entry in controlnet_entries.values():
+        folder = out / entry["path"]
+        records[entry["path"]] = _records([f for f in folder.rglob("*") if f.is_file()], folder)
     hashes |= {f"controlnet/{name}": entry["sha256"] for name, entry in controlnet_entries.items()}
     manifest = {
         K.CONTROLNETS: controlnet_entries,
@@ -236,10 +246,12 @@ def stage_components(
         K.SAFETY_CHECKER: "safety_checker" if safety_checker is not None else None,
         K.SHARED: shared,
         K.HASHES: hashes,
+        K.FILES: records,
         K.SOURCES: {"base": str(base.resolve()), "refiner": str(refiner.resolve())}
         | ({"safety_checker": str(Path(safety_checker).resolve())} if safety_checker else {})
         | ({"vae": str(Path(vae).resolve())} if vae else {})
         | (sources or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).chmod(FILE_MODE)
     return Staged(out, manifest)

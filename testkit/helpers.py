@@ -41,3 +41,34 @@ def raw_pipelines(tiny: Any, base_class: type, refiner_class: type) -> tuple[Any
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     return base, refiner
+
+
+def tensor_bytes(path: Any, name: str) -> tuple[int, int]:
+    """The byte range ``[start, end)`` of tensor ``name`` in a safetensors file."""
+    import json
+    from pathlib import Path
+
+    with Path(path).open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        begin, end = json.loads(f.read(length))[name]["data_offsets"]
+    return 8 + length + begin, 8 + length + end
+
+
+def overwrite_tensor(path: Any, name: str, byte: int = 0xFF) -> None:
+    """Fill tensor ``name`` with ``byte`` in place (0xFF: every float32/float16 a NaN); size unchanged."""
+    start, end = tensor_bytes(path, name)
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes([byte]) * (end - start))
+
+
+def flip_mantissa_bits(path: Any, name: str, count: int = 64) -> None:
+    """Flip the lowest mantissa bit of the first ``count`` float32 values of tensor ``name``."""
+    start, end = tensor_bytes(path, name)
+    assert end - start >= 4 * count
+    with open(path, "r+b") as f:
+        for i in range(count):
+            f.seek(start + 4 * i)
+            low = f.read(1)[0]
+            f.seek(start + 4 * i)
+            f.write(bytes([low ^ 1]))  # little endian: the first byte holds the lowest mantissa bits

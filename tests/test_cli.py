@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ("build", "register", "promote", "copy", "template", "batch")
+COMMANDS = ("build", "register", "promote", "copy", "verify", "template", "batch")
 PROBE = """
 import sys
 from sdxl_tools import cli

@@ -9,6 +9,7 @@ output retyped, the ``seed`` param removed).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -140,7 +141,12 @@ def promotion_flow(client: MlflowClient, v: dict[str, str]) -> None:
     ):
         assert problem in report
     passed = [c.name for c in refused.value.report.checks if c.ok]
-    assert passed == ["loads from the registry", "scores its input example"]
+    assert passed == [
+        "weights match their recorded sha256",
+        "loads from the registry",
+        "scores its input example",
+        "images are not blank, broken or seed-independent",
+    ]
     assert holder(NAME, "production") == v["v1"]  # the alias did not move
     assert client.get_model_version(NAME, v["v3"]).tags["validation.production"].startswith("refused")
 
@@ -191,6 +197,23 @@ def test_breaking_changes_name_what_a_client_would_lose():
     # Adding optional inputs, params and outputs is compatible.
     assert breaking_changes(changed, changed) == []
     assert breaking_changes(ModelSignature(inputs=good.inputs, outputs=good.outputs), good) == []
+
+
+def test_an_optional_input_that_became_required_and_lost_or_retyped_outputs_are_breaking():
+    good = signature()
+    optional = next(spec for spec in good.inputs.inputs if not spec.required)
+    required = Schema([ColSpec(s.type, s.name, required=True) if s is optional else s for s in good.inputs.inputs])
+    stricter = ModelSignature(inputs=required, outputs=good.outputs, params=good.params)
+    assert breaking_changes(good, stricter) == [f"input column {optional.name!r} became required"]
+    assert breaking_changes(stricter, good) == []  # required -> optional: old clients still fit
+
+    outputs = [s for s in good.outputs.inputs if s.name != "nsfw_content_detected"]
+    outputs = [ColSpec("string", "seed") if s.name == "seed" else s for s in outputs]
+    fewer = ModelSignature(inputs=good.inputs, outputs=Schema(outputs), params=good.params)
+    assert breaking_changes(good, fewer) == [
+        "output column 'nsfw_content_detected' removed",
+        "output column 'seed' type long -> string",
+    ]
 
 
 def test_registered_versions_carry_what_a_reviewer_needs(sqlite_registry, staged):
@@ -324,12 +347,17 @@ def test_rollbacks_walk_back_the_alias_history_and_stop_at_the_first_holder(sqli
         assert [entry["version"] for entry in history] == [v["v1"]]
 
 
-def killed_at(method: str) -> MlflowClient:
-    """The real registry client, stopped as a kill would stop it when it reaches ``method``:
-    that write and everything after it never happen."""
+def killed_at(method: str, calls_before: int = 0) -> MlflowClient:
+    """The real registry client, stopped as a kill would stop it when it reaches ``method`` after
+    ``calls_before`` calls of it went through: that write and everything after it never happen."""
     client = MlflowClient()
+    real = getattr(client, method)
+    calls = []
 
     def killed(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= calls_before:
+            return real(*args, **kwargs)
         raise SystemExit(f"killed before {method}")
 
     setattr(client, method, killed)
@@ -345,9 +373,10 @@ def test_a_killed_promote_leaves_no_misleading_tags(sqlite_registry):
             promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_alias"))
         assert holder(NAME, "killed") == v["v1"]
         assert not [key for key in client.get_model_version(NAME, v["v2"]).tags if key.endswith(".killed")]
-        # killed right after the alias write, before the history and tags: a rollback still goes back to v1
+        # killed right after the alias write (the one tag before it is the lease), before the history
+        # and tags: a rollback still goes back to v1
         with pytest.raises(SystemExit):
-            promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_tag"))
+            promote(NAME, v["v2"], "killed", client=killed_at("set_registered_model_tag", calls_before=1))
         assert holder(NAME, "killed") == v["v2"]
         assert rollback(NAME, "killed").version == v["v1"]
         with pytest.raises(MlflowException, match="first holder"):
@@ -400,3 +429,76 @@ def test_a_killed_gate_leaves_no_copy_of_the_artifact(sqlite_registry, tmp_path)
                 with scratch_dir(temp):
                     assert mine.is_dir()  # a running process's folder stays
             assert not mine.exists()
+
+
+def test_rollback_skips_deleted_holders_and_says_which(sqlite_registry):
+    uri, v = sqlite_registry
+    with store(uri) as client:
+        doomed = str(registry.copy_version(NAME, v["v1"], NAME).version)  # a version to delete
+        history = [{"version": version, "at": "test"} for version in (v["v1"], doomed, v["v2"])]
+        client.set_registered_model_tag(NAME, registry.HISTORY.format(alias="skip"), json.dumps(history))
+        client.set_registered_model_alias(NAME, "skip", v["v2"])
+        client.delete_model_version(NAME, doomed)
+
+        back = rollback(NAME, "skip")
+        assert (back.version, back.previous, back.skipped) == (v["v1"], v["v2"], (doomed,))
+        assert f"skipped deleted version {doomed}" in str(back)
+        assert holder(NAME, "skip") == v["v1"]
+        assert [entry["version"] for entry in registry.alias_history(NAME, "skip", client)] == [v["v1"]]
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "bits"])
+def test_the_gate_refuses_weights_that_differ_from_their_recorded_sha256(sqlite_registry, staged, corrupt):
+    from urllib.parse import urlparse
+
+    from testkit.helpers import flip_mantissa_bits, overwrite_tensor
+
+    uri, _ = sqlite_registry
+    with store(uri) as client:
+        candidate = str(registry.register(staged["v1"], "sdxl-corrupt").version)
+        stored = Path(urlparse(client.get_model_version_download_uri("sdxl-corrupt", candidate)).path)
+        (weights,) = stored.rglob("base/unet/diffusion_pytorch_model.safetensors")
+        if corrupt == "nan":
+            overwrite_tensor(weights, "conv_out.weight", 0xFF)
+        else:
+            flip_mantissa_bits(weights, "conv_out.weight", 64)
+        with pytest.raises(PromotionRefused) as refused:
+            promote("sdxl-corrupt", candidate, "production")
+        assert holder("sdxl-corrupt", "production") is None
+    (failed,) = refused.value.report.failures
+    assert failed.name == "weights match their recorded sha256"
+    assert "component base/unet, file diffusion_pytorch_model.safetensors: sha256" in failed.detail
+
+
+@pytest.mark.parametrize("where", ["sqlite_registry", "server_registry"])
+def test_two_promotions_at_once_one_wins_and_the_other_says_so(request, tmp_path, where):
+    """Two real processes promote different versions to the same alias at the same moment."""
+    uri, v = request.getfixturevalue(where)[:2]
+    race = "sdxl-race"  # its own model: the CLI moves staging / production only
+    with store(uri) as client:
+        first, second, third = (str(registry.copy_version(NAME, v[k], race).version) for k in ("v1", "v2", "v1"))
+        promote(race, first, "staging")
+        before = registry.alias_history(race, "staging", client)
+    env = child_env(MLFLOW_TRACKING_URI=uri)
+    command = [sys.executable, str(ROOT / "build.py"), "promote", race, "--to", "staging", "--version"]
+    logs = {version: (tmp_path / f"{version}.out", tmp_path / f"{version}.err") for version in (second, third)}
+    racers = {
+        version: subprocess.Popen([*command, version], cwd=ROOT, env=env, stdout=out.open("w"), stderr=err.open("w"))
+        for version, (out, err) in logs.items()
+    }
+    results = {
+        version: (p.wait(timeout=600), logs[version][0].read_text(), logs[version][1].read_text())
+        for version, p in racers.items()
+    }
+    winners = [version for version, (code, _, _) in results.items() if code == 0]
+    assert len(winners) == 1, results
+    (winner,), (loser,) = winners, [version for version in results if version not in winners]
+    assert f"-> version {winner} (was version {first})" in results[winner][1]
+    assert results[loser][0] == 1
+    assert f"was moved to version {winner} by someone else" in results[loser][2]
+    with store(uri) as client:
+        assert holder(race, "staging") == winner
+        history = registry.alias_history(race, "staging", client)
+        assert [e["version"] for e in history] == [e["version"] for e in before] + [winner]  # no phantom entry
+        assert "lease.staging" not in client.get_registered_model(race).tags
+        assert "validation.staging" not in client.get_model_version(race, loser).tags
