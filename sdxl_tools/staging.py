@@ -236,7 +236,7 @@ def stage_components(
     for entry in controlnet_entries.values():
         folder = out / entry["path"]
         records[entry["path"]] = _records([f for f in folder.rglob("*") if f.is_file()], folder)
-    hashes |= {f"controlnet/{name}": entry["sha256"] for name, entry in controlnet_entries.items()}
+    hashes |= {entry["path"]: entry["sha256"] for entry in controlnet_entries.values()}  # keyed by folder, as records
     manifest = {
         K.CONTROLNETS: controlnet_entries,
         K.STYLES: stage_styles(out, TEMPLATE / STYLES_FILE),
