@@ -26,7 +26,7 @@ def test_params_schema_carries_every_param_with_its_default():
 
 def test_inputs_and_outputs():
     sig = signature()
-    assert sig.inputs.input_names() == ["prompt", "image", "mask", *ROW_FIELDS]
+    assert sig.inputs.input_names() == ["prompt", "image", "mask", "control_image", *ROW_FIELDS]
     assert sig.inputs.required_input_names() == ["prompt"]
     assert sig.outputs.input_names() == [*OUTPUT_COLUMNS, "error"]
     assert sig.outputs.required_input_names() == ["prompt", "generated_image", "seed"]
@@ -56,6 +56,7 @@ DERIVED_SETTINGS = {
     "prompt_chunks": "prompt_weighting",
     "inpaint": "rows with a mask",
     "refiner_strength": "strength, for the sequential refiner's pass",
+    "control_guidance": "control_guidance_start, control_guidance_end",
 }
 # Params that are not Settings fields: kept per row or only decide how the request is handled.
 NOT_SETTINGS = {
@@ -72,6 +73,13 @@ NOT_SETTINGS = {
     "output_quality": "RowSpec.params",
     "output_encoding": "RowSpec.params",
     "png_metadata": "RowSpec.params",
+    "mask_source": "RowSpec.mask (made at parse time)",
+    "control_preprocess": "RowSpec.control_image (the map is made at parse time)",
+    "canny_low_threshold": "RowSpec.control_image",
+    "canny_high_threshold": "RowSpec.control_image",
+    "controlnet_conditioning_scale": "the scales in Settings.controlnet",
+    "control_guidance_start": "Settings.control_guidance",
+    "control_guidance_end": "Settings.control_guidance",
 }
 
 

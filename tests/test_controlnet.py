@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 
@@ -25,7 +26,8 @@ from model_pkg import controlnet
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
 from sdxl_tools.artifact import save_artifact
-from sdxl_tools.client import b64_to_image, read_metadata
+from sdxl_tools.batch import run
+from sdxl_tools.client import azure_request_to_frame, b64_to_image, read_metadata
 from sdxl_tools.random_weights import write_tiny_controlnet
 from sdxl_tools.staging import BuildError, stage_components, stage_controlnets
 from testkit.helpers import FAST, frame, pixels, png_b64
@@ -296,3 +298,44 @@ def test_pickled_controlnet_weights_are_refused(tmp_path, nets):
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(BuildError, match="only pickled weights"):
         stage_controlnets({"pickled": folder}, tmp_path / "out", "all")
+
+
+# -- everywhere rows go -------------------------------------------------------------------------
+
+
+def test_control_image_is_an_input_column_of_every_route():
+    from sdxl_tools.signature import signature
+    from sdxl_tools.spark import INPUT_COLUMNS
+
+    assert "control_image" in INPUT_COLUMNS  # Spark's struct (derived from the contract)
+    assert "control_image" in signature().inputs.input_names()  # REST, MLServer, Azure's no-code route
+
+
+def test_azure_body_with_a_control_image_converts_and_is_conditioned(cn_model):
+    r = row()
+    body = {
+        "input_data": {"columns": ["prompt", "control_image"], "data": [[r["prompt"], r["control_image"]]]},
+        "params": NONE | {"seed": 7, "controlnet": "edges"},
+    }
+    df, params = azure_request_to_frame(json.dumps(body))
+    out = cn_model.predict(df, params=params)
+    assert (
+        out["generated_image"][0]
+        == cn_model.predict(frame(r), params=NONE | {"controlnet": "edges"})["generated_image"][0]
+    )
+
+
+def test_file_batch_job_carries_control_images_and_continues_past_a_bad_one(cn_model, tmp_path):
+    rows = [row(controlnet="edges"), {"prompt": "a dog", "seed": 4, "controlnet": "edges"}]
+    source = tmp_path / "prompts.csv"
+    pd.DataFrame(rows).to_csv(source, index=False)
+    summary = run(cn_model, source, tmp_path / "out", NONE, chunk_size=2, progress=False)
+    assert (summary.images, summary.errors) == (1, 1)
+    lines = sorted(
+        (json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()),
+        key=lambda x: x["row"],
+    )
+    assert lines[1]["error"].startswith("'controlnet' needs a 'control_image'")
+    written = (tmp_path / "out" / "images" / "000000.png").read_bytes()
+    expected = cn_model.predict(frame(row()), params=NONE | {"controlnet": "edges"})["generated_image"][0]
+    assert written == base64.b64decode(expected)
