@@ -219,8 +219,11 @@ def test_model_udf_one_copy_per_node_one_load_per_worker_and_cleanup(spark, clus
     before_tmp, before_zips = copies(cluster.root / "executor-tmp"), set(cluster.root.glob("worker*/app-*/*/*.zip"))
     loads_before = {pid: loads for pid, loads, _ in probe(spark)}
 
+    # a config no earlier test used: a Python worker keeps the models it loaded, keyed by URI and config
+    config = ONE_THREAD | {"max_rows": 9_999}
+
     def make():
-        return model_udf(spark, str(artifact), PARAMS | {"on_error": "null"}, ONE_THREAD, cache, key="id")
+        return model_udf(spark, str(artifact), PARAMS | {"on_error": "null"}, config, cache, key="id")
 
     score_two_jobs(spark, make, key="id")
     assert copies(cache) == [cache / c.name for c in copies(cache)] and len(copies(cache)) == 1  # both executors
