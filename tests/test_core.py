@@ -299,7 +299,8 @@ def test_rows_differing_in_any_one_setting_are_never_batched_together(field):
     """Every field of ``Settings`` is part of the batching key: one call runs one value of each."""
     row = parse_request(frame({"prompt": "a"}), FAST, ModelConfig()).rows[0]
     value = getattr(row.settings, field)
-    special = {"mode": Mode.SEQUENTIAL, "lora": (("toy", 0.5),)}
+    special = {"mode": Mode.SEQUENTIAL, "lora": (("toy", 0.5),), "controlnet": (("edges", 0.5),)}
+    special["control_guidance"] = (0.1, 0.9)
     other = {bool: lambda v: not v, int: lambda v: v + 8, float: lambda v: v / 2 + 0.3, str: lambda v: v + "x"}
     changed = special[field] if field in special else other[type(value)](value)
     twin = dataclasses.replace(row, index=1, settings=dataclasses.replace(row.settings, **{field: changed}))

@@ -182,7 +182,7 @@ def test_sigterm_mid_request_with_parallel_workers_0_finishes_the_request_and_ex
                 if requests.get(f"{url}/v2/models/sdxl/ready", timeout=5).status_code == 200:
                     break
             time.sleep(0.5)
-        body = v2(column("prompt", ["a cat"] * 4), num_inference_steps=20, height=256, width=256)
+        body = v2(column("prompt", ["a cat"] * 4), num_inference_steps=40, height=512, width=512)  # > 2 s on any CPU
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(requests.post, f"{url}/v2/models/sdxl/infer", json=body, timeout=300)
             time.sleep(2)

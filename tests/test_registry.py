@@ -232,7 +232,9 @@ def test_registered_versions_carry_what_a_reviewer_needs(sqlite_registry, staged
     assert second["signature.outputs"] == (
         "prompt:string, generated_image:string, nsfw_content_detected:boolean?, seed:long, error:string?"
     )
-    assert second["signature.inputs"].startswith("prompt:string, image:string?, mask:string?, negative_prompt:any?")
+    assert second["signature.inputs"].startswith(
+        "prompt:string, image:string?, mask:string?, control_image:string?, negative_prompt:any?"
+    )
     assert "seed:long=-1" in second["signature.params"]
 
 
