@@ -74,9 +74,10 @@ def _loras(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, P
     return loras
 
 
-def _controlnets(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[str, Path]:
-    """``--controlnet NAME=DIR`` pairs, plus ``--tiny-controlnet NAME`` random ControlNets for the tiny base."""
-    from sdxl_tools.staging import BuildError, parse_build_arg
+def _controlnets(args: argparse.Namespace, base: str | Path, tmp: Path, sources: dict[str, str]) -> dict[str, Path]:
+    """``--controlnet NAME=DIR`` pairs, plus ``--tiny-controlnet NAME`` random ControlNets for the tiny base
+    (their provenance added to ``sources``, keyed by their folder in the artifact as the file records are)."""
+    from sdxl_tools.staging import CONTROLNET_DIR, BuildError, parse_build_arg
 
     try:
         controlnets = dict(parse_build_arg(pair, "--controlnet") for pair in args.controlnet)
@@ -88,6 +89,7 @@ def _controlnets(args: argparse.Namespace, base: str | Path, tmp: Path) -> dict[
         from sdxl_tools.random_weights import write_tiny_controlnet
 
         controlnets[name] = write_tiny_controlnet(tmp / "src" / "controlnets" / name, base, seed=i + 1)
+        sources[f"{CONTROLNET_DIR}/{name}"] = f"random tiny ControlNet of the base UNet (seed {i + 1})"
     return controlnets
 
 
@@ -125,7 +127,7 @@ def _stage(args: argparse.Namespace, tmp: str) -> Staged:
         variant=args.variant,
         vae=args.vae,
         loras=loras,
-        controlnets=_controlnets(args, base, Path(tmp)),
+        controlnets=_controlnets(args, base, Path(tmp), sources),
         sources=sources,
     )
     # generated weights: drop their source names, so the staged files are the only copy and saving

@@ -250,6 +250,7 @@ def stage_components(
         K.SOURCES: {"base": str(base.resolve()), "refiner": str(refiner.resolve())}
         | ({"safety_checker": str(Path(safety_checker).resolve())} if safety_checker else {})
         | ({"vae": str(Path(vae).resolve())} if vae else {})
+        | {f"{CONTROLNET_DIR}/{name}": str(Path(src).resolve()) for name, src in (controlnets or {}).items()}
         | (sources or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -14,6 +14,7 @@ from mlflow.models import Model
 
 from sdxl_tools import cli
 from sdxl_tools.artifact import save_artifact
+from sdxl_tools.random_weights import write_tiny_controlnet
 from sdxl_tools.staging import stage_components
 from testkit.helpers import FAST, frame
 
@@ -61,16 +62,17 @@ def test_saving_moves_weights_that_have_no_other_name(tiny, tmp_path):
 
 
 def test_cli_build_records_random_sources_and_leaves_no_temporary_folders(tmp_path):
-    assert (
-        cli.main(["build", "--tiny", "--tiny-safety-checker", "never", "--output", str(tmp_path / "m"), "--seed", "3"])
-        == 0
-    )
+    args = ["build", "--tiny", "--tiny-safety-checker", "never", "--output", str(tmp_path / "m"), "--seed", "3"]
+    assert cli.main([*args, "--tiny-controlnet", "edges", "--tiny-controlnet", "depth"]) == 0
     manifest = json.loads((tmp_path / "m" / "artifacts" / "sdxl" / "components.json").read_text())
     assert manifest["sources"] == {
         "base": "random tiny weights (seed 3)",
         "refiner": "random tiny weights (seed 3)",
         "safety_checker": "random tiny checker that flags never",
+        "controlnets/edges": "random tiny ControlNet of the base UNet (seed 1)",  # keyed as its file records
+        "controlnets/depth": "random tiny ControlNet of the base UNet (seed 2)",
     }
+    assert set(manifest["controlnets"]) == {"edges", "depth"}
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # staging and skeleton folders are gone
     assert all(links == 1 for _, links in weights(tmp_path / "m").values())
     card = Model.load(str(tmp_path / "m")).metadata["components"]
@@ -78,9 +80,15 @@ def test_cli_build_records_random_sources_and_leaves_no_temporary_folders(tmp_pa
 
 
 def test_user_sources_are_recorded_with_their_component_hashes(tiny, tmp_path):
-    staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
-    assert staged.manifest["sources"] == {"base": str(tiny.base.resolve()), "refiner": str(tiny.refiner.resolve())}
+    edges = write_tiny_controlnet(tmp_path / "edges-source", tiny.base)
+    staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl", controlnets={"edges": edges})
+    assert staged.manifest["sources"] == {
+        "base": str(tiny.base.resolve()),
+        "refiner": str(tiny.refiner.resolve()),
+        "controlnets/edges": str(edges.resolve()),
+    }
     assert set(staged.manifest["hashes"]) >= {"base/unet", "base/vae", "base/text_encoder_2", "refiner/unet"}
+    assert set(staged.manifest["hashes"]) >= set(staged.manifest["sources"]) - {"base", "refiner"}
 
 
 def test_the_refiner_folder_loads_by_hand_with_text_encoder_2_and_vae(artifact):
