@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 warnings.filterwarnings("ignore")
 
 
@@ -47,6 +48,36 @@ class Ratio:
             f"{self.name:<52} {self.ours:10.1f} {self.reference:10.1f} {self.unit:<3} "
             f"ratio {self.ratio:6.3f}  (goal {self.goal})"
         )
+
+
+def environment() -> str:
+    """Date, device and package versions: the line a figure in RESULTS.md is written with."""
+    import datetime
+    import platform
+
+    import diffusers
+    import mlflow
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return (
+        f"{datetime.date.today()} · {device} · {platform.machine()} · Python {platform.python_version()} · "
+        f"torch {torch.__version__} · diffusers {diffusers.__version__} · mlflow {mlflow.__version__}"
+    )
+
+
+def write_section(name: str, lines: list[str], path: Path = RESULTS) -> Path:
+    """Replace the ``<!-- BEGIN name -->`` … ``<!-- END name -->`` section of RESULTS.md with ``lines``
+    (appended when there is none). run_all.py keeps these sections when it rewrites the rest."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    section = "\n".join([begin, *lines, end])
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    return path
 
 
 def timed(fn) -> float:

@@ -45,7 +45,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 warnings.filterwarnings("ignore")
 
-BEGIN, END = "<!-- BEGIN bench_fullsize_cpu -->", "<!-- END bench_fullsize_cpu -->"
 GIB = 2**30
 NEEDS_FREE_RAM = 20 * GIB
 
@@ -318,10 +317,12 @@ def table(f: dict, args: argparse.Namespace) -> list[str]:
 
 
 def write_results(figures: dict, lines: list[str], args: argparse.Namespace, seconds: float) -> None:
+    from benchmarks.bench_core import write_section
+
     m = figures["machine"]
-    section = "\n".join(
+    path = write_section(
+        "bench_fullsize_cpu",
         [
-            BEGIN,
             "## Full-size SDXL 1.0 on CPU",
             "",
             f"Written by `python benchmarks/bench_fullsize_cpu.py` ({m['date']}, {seconds / 60:.0f} min): "
@@ -332,16 +333,8 @@ def write_results(figures: dict, lines: list[str], args: argparse.Namespace, sec
             "UNet dtypes one after the other (both at once would need 15 GB).",
             "",
             *lines,
-            END,
-        ]
+        ],
     )
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
     print(f"wrote the full-size section of {path}")
 
 

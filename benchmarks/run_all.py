@@ -9,8 +9,6 @@ Every figure is a ratio of two things measured side by side in this run on this 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import re
 import subprocess
 import sys
@@ -18,20 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from benchmarks.bench_core import Ratio, fullsize_sharing_ratio  # noqa: E402
+from benchmarks.bench_core import Ratio, environment, fullsize_sharing_ratio  # noqa: E402
 from benchmarks.bench_core import run as run_core  # noqa: E402
-
-
-def environment() -> str:
-    import diffusers
-    import mlflow
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    return (
-        f"{datetime.date.today()} · {device} · {platform.machine()} · Python {platform.python_version()} · "
-        f"torch {torch.__version__} · diffusers {diffusers.__version__} · mlflow {mlflow.__version__}"
-    )
 
 
 def write_chart(results: list[Ratio], path: Path) -> None:
@@ -59,6 +45,8 @@ SCRIPTS = {
     "Batch: file job and spark_udf vs a loop of single-row predicts": ["bench_batch.py", "--torch-threads", "1"],
     "Inpainting: pyfunc predict vs raw diffusers SDXL inpainting": ["bench_inpaint.py", "--torch-threads", "1"],
 }
+# These write their own marked section of RESULTS.md (kept below by kept_sections).
+SECTION_SCRIPTS = [["bench_controlnet.py", "--torch-threads", "1"]]
 
 
 def run_script(args: list[str]) -> str:
@@ -117,6 +105,8 @@ def main() -> None:
     for title, script in {} if args.core_only else SCRIPTS.items():
         extra[title] = run_script(script)
         print(f"\n{title}\n{extra[title]}")
+    for script in [] if args.core_only else SECTION_SCRIPTS:
+        print(f"\n{run_script(script)}")
     write_markdown(results, env, HERE / "RESULTS.md", extra)
     write_chart(results, HERE / "ratios.png")
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'ratios.png'}")
