@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from sdxl_tools.artifact import save_artifact
-from sdxl_tools.random_weights import TinySDXL, write_tiny_sdxl
+from sdxl_tools.random_weights import TinySDXL, write_tiny_controlnet, write_tiny_sdxl
 from sdxl_tools.staging import stage_components
 from testkit import platforms
 
@@ -70,6 +70,28 @@ def artifact(tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model(artifact) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(str(artifact))
+
+
+@pytest.fixture(scope="session")
+def controlnets(tiny, tmp_path_factory) -> dict[str, Path]:
+    """Two tiny random ControlNets of the tiny base UNet: name → diffusers ControlNetModel folder."""
+    work = tmp_path_factory.mktemp("controlnets")
+    return {
+        name: write_tiny_controlnet(work / name, tiny.base, seed=i + 1) for i, name in enumerate(("edges", "depth"))
+    }
+
+
+@pytest.fixture(scope="session")
+def cn_artifact(tiny, controlnets, tmp_path_factory) -> Path:
+    """The artifact with both ControlNets packaged."""
+    work = tmp_path_factory.mktemp("cn-artifact")
+    staged = stage_components(tiny.base, tiny.refiner, work / "sdxl", controlnets=controlnets)
+    return save_artifact(staged, work / "model")
+
+
+@pytest.fixture(scope="session")
+def cn_model(cn_artifact) -> mlflow.pyfunc.PyFuncModel:
+    return mlflow.pyfunc.load_model(str(cn_artifact))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import hashlib
 import json
 
 import cv2
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,35 +24,13 @@ from PIL import Image
 from model_pkg import controlnet
 from model_pkg.plan import plan_batches
 from model_pkg.request import parse_request
-from sdxl_tools.artifact import save_artifact
 from sdxl_tools.batch import run
 from sdxl_tools.client import azure_request_to_frame, b64_to_image, read_metadata
-from sdxl_tools.random_weights import write_tiny_controlnet
-from sdxl_tools.staging import BuildError, stage_components, stage_controlnets
+from sdxl_tools.staging import BuildError, stage_controlnets
 from testkit.helpers import FAST, frame, pixels, png_b64
 from tests.test_inpaint import b64, mask_b64
 
 NONE = FAST | {"refiner": "none"}
-
-
-@pytest.fixture(scope="module")
-def nets(tiny, tmp_path_factory):
-    work = tmp_path_factory.mktemp("controlnets")
-    return {
-        name: write_tiny_controlnet(work / name, tiny.base, seed=i + 1) for i, name in enumerate(("edges", "depth"))
-    }
-
-
-@pytest.fixture(scope="module")
-def cn_artifact(tiny, nets, tmp_path_factory):
-    work = tmp_path_factory.mktemp("cn-artifact")
-    staged = stage_components(tiny.base, tiny.refiner, work / "sdxl", controlnets=nets)
-    return save_artifact(staged, work / "model")
-
-
-@pytest.fixture(scope="module")
-def cn_model(cn_artifact):
-    return mlflow.pyfunc.load_model(str(cn_artifact))
 
 
 def control_b64(color=(250, 250, 250), size=(64, 64)) -> str:
@@ -71,8 +48,8 @@ def ours(model, rows: list[dict], params: dict) -> list[np.ndarray]:
     return [pixels(b) for b in out["generated_image"]]
 
 
-def raw(tiny, nets, cls, names=("edges",)):
-    loaded = [ControlNetModel.from_pretrained(nets[n]) for n in names]
+def raw(tiny, controlnets, cls, names=("edges",)):
+    loaded = [ControlNetModel.from_pretrained(controlnets[n]) for n in names]
     pipe = cls.from_pretrained(tiny.base, controlnet=loaded[0] if len(loaded) == 1 else loaded)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -82,83 +59,73 @@ def control_image() -> Image.Image:
     return b64_to_image(control_b64()).convert("RGB")
 
 
+def raw_args() -> dict:
+    """What ``FAST`` and :func:`row` ask for, as raw diffusers arguments (guidance 5.0 is the artifact's
+    default); a fresh generator per call, shared by both stages of an ensemble call."""
+    generator = torch.Generator().manual_seed(row()["seed"])
+    return dict(
+        prompt=row()["prompt"], height=FAST["height"], width=FAST["width"],
+        num_inference_steps=FAST["num_inference_steps"], guidance_scale=5.0, generator=generator,
+    )  # fmt: skip
+
+
 # -- equal to raw diffusers ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("refiner", ["none", "ensemble"])
-def test_text_rows_equal_raw_diffusers_controlnet(cn_model, tiny, nets, refiner):
+def test_text_rows_equal_raw_diffusers_controlnet(cn_model, tiny, controlnets, refiner):
     image = ours(cn_model, [row()], FAST | {"refiner": refiner, "controlnet": "edges:0.8"})[0]
-    base = raw(tiny, nets, StableDiffusionXLControlNetPipeline)
-    args = dict(prompt=row()["prompt"], height=64, width=64, num_inference_steps=10, guidance_scale=5.0)
-    g = torch.Generator().manual_seed(7)
+    base = raw(tiny, controlnets, StableDiffusionXLControlNetPipeline)
+    args = raw_args()
     control = dict(image=control_image(), controlnet_conditioning_scale=0.8)
     if refiner == "none":
-        theirs = base(**args, **control, generator=g).images[0]
+        theirs = base(**args, **control).images[0]
     else:
         refiner_pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
             tiny.refiner, text_encoder_2=base.text_encoder_2, vae=base.vae
         )
         refiner_pipe.set_progress_bar_config(disable=True)
-        latents = base(**args, **control, generator=g, denoising_end=0.8, output_type="latent").images
-        theirs = refiner_pipe(**args, image=latents, denoising_start=0.8, generator=g).images[0]
+        latents = base(**args, **control, denoising_end=0.8, output_type="latent").images
+        theirs = refiner_pipe(**args, image=latents, denoising_start=0.8).images[0]
     np.testing.assert_array_equal(image, np.asarray(theirs, dtype=np.int16))
 
 
-def test_image_rows_equal_raw_diffusers_controlnet_img2img(cn_model, tiny, nets):
+def test_image_rows_equal_raw_diffusers_controlnet_img2img(cn_model, tiny, controlnets):
     start = b64_to_image(png_b64(size=(64, 64))).convert("RGB")
     image = ours(cn_model, [row(image=b64(start))], NONE | {"controlnet": "edges"})[0]
-    pipe = raw(tiny, nets, StableDiffusionXLControlNetImg2ImgPipeline)
+    pipe = raw(tiny, controlnets, StableDiffusionXLControlNetImg2ImgPipeline)
     theirs = pipe(
-        prompt=row()["prompt"],
+        **raw_args(),
         image=start,
         control_image=control_image(),
         controlnet_conditioning_scale=1.0,  # this pipeline's default is 0.8; the artifact's 1.0
         strength=0.3,
-        height=64,
-        width=64,
-        num_inference_steps=10,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(7),
     ).images[0]
     np.testing.assert_array_equal(image, np.asarray(theirs, dtype=np.int16))
 
 
-def test_inpainting_rows_equal_raw_diffusers_controlnet_inpaint(cn_model, tiny, nets):
+def test_inpainting_rows_equal_raw_diffusers_controlnet_inpaint(cn_model, tiny, controlnets):
     start = b64_to_image(png_b64(size=(64, 64))).convert("RGB")
     mask = mask_b64((64, 64))
     image = ours(cn_model, [row(image=b64(start), mask=mask)], NONE | {"controlnet": "edges", "mask_blur": 0})[0]
-    pipe = raw(tiny, nets, StableDiffusionXLControlNetInpaintPipeline)
+    pipe = raw(tiny, controlnets, StableDiffusionXLControlNetInpaintPipeline)
     theirs = pipe(
-        prompt=row()["prompt"],
+        **raw_args(),
         image=start,
         mask_image=b64_to_image(mask).convert("L"),
         control_image=control_image(),
         controlnet_conditioning_scale=1.0,
         strength=1.0,
-        height=64,
-        width=64,
-        num_inference_steps=10,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(7),
     ).images[0]
     inside = np.asarray(b64_to_image(mask).convert("L")) > 0
     np.testing.assert_array_equal(image[inside], np.asarray(theirs, dtype=np.int16)[inside])
     np.testing.assert_array_equal(image[~inside], pixels(b64(start))[~inside])  # pasted back over the input
 
 
-def test_two_controlnets_equal_raw_diffusers_multi_controlnet(cn_model, tiny, nets):
+def test_two_controlnets_equal_raw_diffusers_multi_controlnet(cn_model, tiny, controlnets):
     image = ours(cn_model, [row()], NONE | {"controlnet": "edges:0.5,depth:1.5"})[0]
-    pipe = raw(tiny, nets, StableDiffusionXLControlNetPipeline, names=("depth", "edges"))  # sorted by name
-    theirs = pipe(
-        prompt=row()["prompt"],
-        image=[control_image()] * 2,
-        controlnet_conditioning_scale=[1.5, 0.5],
-        height=64,
-        width=64,
-        num_inference_steps=10,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(7),
-    ).images[0]
+    pipe = raw(tiny, controlnets, StableDiffusionXLControlNetPipeline, names=("depth", "edges"))  # sorted by name
+    theirs = pipe(**raw_args(), image=[control_image()] * 2, controlnet_conditioning_scale=[1.5, 0.5]).images[0]
     np.testing.assert_array_equal(image, np.asarray(theirs, dtype=np.int16))
     one = ours(cn_model, [row()], NONE | {"controlnet": "edges:0.5"})[0]
     assert (image != one).any()
@@ -291,10 +258,10 @@ def test_an_artifact_without_controlnets_lists_none(model):
         model.predict(frame(row()), params=NONE | {"controlnet": "edges"})
 
 
-def test_pickled_controlnet_weights_are_refused(tmp_path, nets):
+def test_pickled_controlnet_weights_are_refused(tmp_path, controlnets):
     folder = tmp_path / "pickled"
     folder.mkdir()
-    (folder / "config.json").write_text((nets["edges"] / "config.json").read_text())
+    (folder / "config.json").write_text((controlnets["edges"] / "config.json").read_text())
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(BuildError, match="only pickled weights"):
         stage_controlnets({"pickled": folder}, tmp_path / "out", "all")
