@@ -36,8 +36,8 @@ MAX_ROWS = 4
 
 
 @pytest.fixture(scope="module")
-def registry(tiny, tmp_path_factory):
-    """A sqlite registry holding the artifact as ``models:/sdxl-serving@champion``."""
+def registry(tiny, controlnets, tmp_path_factory):
+    """A sqlite registry holding the artifact (with the tiny ControlNets) as ``models:/sdxl-serving@champion``."""
     folder = tmp_path_factory.mktemp("serving-registry")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
@@ -45,7 +45,7 @@ def registry(tiny, tmp_path_factory):
     mlflow.set_registry_uri(uri)
     try:
         experiment = mlflow.create_experiment("serving", artifact_location=str(folder / "mlruns"))
-        staged = stage_components(tiny.base, tiny.refiner, folder / "sdxl")
+        staged = stage_components(tiny.base, tiny.refiner, folder / "sdxl", controlnets=controlnets)
         with mlflow.start_run(experiment_id=experiment):
             info = log_artifact(staged, name="sdxl", model_config={"max_rows": MAX_ROWS})
         version = mlflow.register_model(info.model_uri, NAME).version
@@ -140,6 +140,19 @@ def test_served_inpainting_equals_in_process_predict(server, served_model):
     expected = served_model.predict(pd.DataFrame(rows), params=FAST)
     assert [r["generated_image"] for r in served] == expected["generated_image"].tolist()  # byte-identical
     assert [b64_to_image(r["generated_image"]).size for r in served] == [(96, 64), (64, 64)]
+
+
+def test_served_control_image_conditions_the_row_as_in_process_predict(server, served_model):
+    """A ``control_image`` row next to the same row without one: each equals in-process predict byte for
+    byte, and they differ (a control image dropped on the way would make them equal, or a 400)."""
+    row = {"prompt": "a cat with a hat", "seed": 7}
+    rows = [{**row, "control_image": png_b64(size=(64, 64)), "controlnet": "edges"}, row]
+
+    served = predictions(server.invoke({"dataframe_records": rows, "params": FAST}))
+
+    expected = served_model.predict(pd.DataFrame(rows), params=FAST)["generated_image"].tolist()
+    assert [r["generated_image"] for r in served] == expected
+    assert expected[0] != expected[1]
 
 
 def test_azure_sample_round_trips_to_the_seed_001_shape(server, tmp_path):
