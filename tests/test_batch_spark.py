@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from sdxl_tools.client import b64_to_image
 from sdxl_tools.spark import input_struct, result_type
-from testkit.helpers import png_b64
+from testkit.helpers import pixels, png_b64
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spark's Python workers run with OMP_NUM_THREADS=1; pin torch to one thread on both sides so the
@@ -49,15 +49,15 @@ def spark(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_thread_model(artifact):
+def one_thread_model(cn_artifact):
     threads = torch.get_num_threads()
-    yield mlflow.pyfunc.load_model(str(artifact), model_config=ONE_THREAD)
+    yield mlflow.pyfunc.load_model(str(cn_artifact), model_config=ONE_THREAD)
     torch.set_num_threads(threads)  # the model pinned the whole test process; give it back
 
 
 INPUT_DDL = (
     "id long, prompt string, seed long, height long, width long, num_inference_steps long, "
-    "negative_prompt string, image string, mask string"
+    "negative_prompt string, image string, mask string, control_image string, controlnet string"
 )
 
 
@@ -69,9 +69,9 @@ def mask_b64(size: tuple[int, int]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def eight_rows() -> pd.DataFrame:
-    """Text-to-image rows with their own seeds, sizes, steps and negative prompt, an image row and an
-    inpainting row (image + mask)."""
+def nine_rows() -> pd.DataFrame:
+    """Text-to-image rows with their own seeds, sizes, steps and negative prompt, an image row, an
+    inpainting row (image + mask) and the first row again with a control image (ControlNet ``edges``)."""
     rows = [
         {"prompt": "a cat with a hat", "seed": 11},
         {"prompt": "a dog on a bench", "seed": 12},
@@ -81,18 +81,19 @@ def eight_rows() -> pd.DataFrame:
         {"prompt": "a small boat", "seed": 16, "num_inference_steps": 6},
         {"prompt": "a green cat", "seed": 17, "image": png_b64(size=(96, 64))},
         {"prompt": "a red cat", "seed": 18, "image": png_b64(size=(100, 72)), "mask": mask_b64((100, 72))},
+        {"prompt": "a cat with a hat", "seed": 11, "control_image": png_b64(size=(64, 64)), "controlnet": "edges"},
     ]
     columns = [c.split()[0] for c in INPUT_DDL.split(",")]
     return pd.DataFrame([{"id": i} | r for i, r in enumerate(rows)]).reindex(columns=columns).astype(object)
 
 
-def test_spark_udf_struct_equals_pandas_predict_byte_for_byte(spark, artifact, one_thread_model):
+def test_spark_udf_struct_equals_pandas_predict_byte_for_byte(spark, cn_artifact, one_thread_model):
     params = {"num_inference_steps": 4, "height": 64, "width": 64}  # ensemble: base + refiner
-    rows = eight_rows()
+    rows = nine_rows()
     # two partitions, so two tasks and two Arrow batches (each one predict call)
     sdf = spark.createDataFrame(rows.where(rows.notna(), None), INPUT_DDL).repartition(2, "id")
     udf = mlflow.pyfunc.spark_udf(
-        spark, str(artifact), result_type=result_type(params), params=params, env_manager="local",
+        spark, str(cn_artifact), result_type=result_type(params), params=params, env_manager="local",
         model_config=ONE_THREAD,
     )  # fmt: skip
 
@@ -111,12 +112,13 @@ def test_spark_udf_struct_equals_pandas_predict_byte_for_byte(spark, artifact, o
     expected = expected.sort_index()
 
     assert scored["prompt"].tolist() == expected["prompt"].tolist() == rows["prompt"].tolist()
-    assert scored["seed"].tolist() == expected["seed"].tolist() == list(range(11, 19))
+    assert scored["seed"].tolist() == expected["seed"].tolist() == [*range(11, 19), 11]
     assert scored["nsfw_content_detected"].isna().all()  # no safety checker packaged
     assert scored["generated_image"].tolist() == expected["generated_image"].tolist()  # byte for byte
     sizes = [b64_to_image(b).size for b in scored["generated_image"]]
-    assert sizes == [(64, 64), (64, 64), (64, 96), (96, 64), (64, 64), (64, 64), (96, 64), (100, 72)]
-    assert scored["generated_image"].nunique() == 8
+    assert sizes == [(64, 64), (64, 64), (64, 96), (96, 64), (64, 64), (64, 64), (96, 64), (100, 72), (64, 64)]
+    assert scored["generated_image"].nunique() == 9
+    assert (pixels(scored["generated_image"][8]) != pixels(scored["generated_image"][0])).any()  # conditioned
 
 
 def load_sample():
