@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 
@@ -52,7 +53,8 @@ def venv(platform_venv) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(venv, artifact, tmp_path_factory) -> Iterator[MLServer]:
+def server(venv, cn_artifact, tmp_path_factory) -> Iterator[MLServer]:
+    """The artifact with the tiny ControlNets packaged."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     env = server_env(
         venv,
@@ -64,7 +66,7 @@ def server(venv, artifact, tmp_path_factory) -> Iterator[MLServer]:
     url = f"http://127.0.0.1:{http}"
     log = tmp_path_factory.mktemp("mlserver") / "log"
     with running(
-        [str(venv / "bin" / "mlserver"), "start", str(artifact)], f"{url}/v2/models/sdxl/ready", log, env, 420
+        [str(venv / "bin" / "mlserver"), "start", str(cn_artifact)], f"{url}/v2/models/sdxl/ready", log, env, 420
     ):
         yield MLServer(url)
 
@@ -114,6 +116,27 @@ def test_per_row_inputs_and_on_error_null(server):
     assert out["error"]["data"][:2] == [None, None]
     assert "'image': not valid base64: invalid character '!'" in out["error"]["data"][2]
     assert b64_to_image(out["generated_image"]["data"][1]).size == (96, 64)  # img2img at the input image's size
+
+
+def test_a_control_image_bytes_input_conditions_its_row_as_in_process_predict(server, cn_model):
+    """``control_image`` as a BYTES input (``""``: none) next to the same row without one: each equals
+    in-process predict, and they differ (a control image dropped on the way would make them equal, or a 400)."""
+    control = png_b64(size=(64, 64))
+    body = v2(
+        column("prompt", ["a cat", "a cat"]),
+        column("control_image", [control, ""]),
+        column("controlnet", ["edges", ""]),
+        column("seed", [5, 5], "INT64"),
+        **FAST,
+    )
+    served = outputs(server.infer(body))["generated_image"]["data"]
+    rows = [
+        {"prompt": "a cat", "seed": 5, "control_image": control, "controlnet": "edges"},
+        {"prompt": "a cat", "seed": 5},
+    ]
+    expected = cn_model.predict(pd.DataFrame(rows), params=FAST)["generated_image"].tolist()
+    assert served == expected
+    assert expected[0] != expected[1]
 
 
 def test_bad_input_is_a_400_naming_the_row_and_field_and_the_server_keeps_serving(server):
