@@ -19,13 +19,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 from packaging.requirements import Requirement
 
 from sdxl_tools.artifact import requirements
 from sdxl_tools.client import b64_to_image
-from testkit.helpers import png_b64
+from testkit.helpers import pixels, png_b64
 from testkit.platforms import AZUREML, ROOT, server_env, unmet_requirements
 from testkit.processes import free_port, running
 
@@ -44,6 +45,17 @@ BODY = {
         "index": [0, 1],
     },
     "params": PARAMS,
+}
+
+
+# A row with a control image (ControlNet ``edges``) and the same row without one, both seed 3.
+CONTROL_ROW = {"prompt": "a cat", "seed": 3, "control_image": None, "controlnet": None}
+CONTROL_BODY = {
+    "input_data": {
+        "columns": list(CONTROL_ROW),
+        "data": [{**CONTROL_ROW, "control_image": IMAGE, "controlnet": "edges"}, CONTROL_ROW],
+    },
+    "params": {k: v for k, v in PARAMS.items() if k != "seed"},
 }
 
 
@@ -84,10 +96,12 @@ def venv(platform_venv) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scoring_script(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
-    """score.py in a folder that holds only itself and the model, started there (the server's app root);
-    the platform's venv has the artifact's requirements, not this project, so the script can import only
-    what the model carries. It finds the MLflow model folder under AZUREML_MODEL_DIR itself."""
+def scoring_script(venv, cn_artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
+    """score.py in a folder that holds only itself and the model (with the tiny ControlNets), started there
+    (the server's app root); the platform's venv has the artifact's requirements, not this project, so the
+    script can import only what the model carries. It finds the MLflow model folder under AZUREML_MODEL_DIR
+    itself."""
+    artifact = cn_artifact
     app = tmp_path_factory.mktemp("app")
     script = Path(shutil.copy(ROOT / "deploy" / "azureml" / "score.py", app))
     model = shutil.copytree(artifact, app / "azureml-models" / "sdxl" / "1" / artifact.name)
@@ -97,10 +111,10 @@ def scoring_script(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
 
 
 @pytest.fixture(scope="module")
-def no_code(venv, artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
+def no_code(venv, cn_artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
     """Azure sets MLFLOW_MODEL_FOLDER for no-code deployments."""
     log = tmp_path_factory.mktemp("az") / "log"
-    yield from serve(venv, artifact, TESTS / "azureml_generic.py", log, MLFLOW_MODEL_FOLDER=artifact.name)
+    yield from serve(venv, cn_artifact, TESTS / "azureml_generic.py", log, MLFLOW_MODEL_FOLDER=cn_artifact.name)
 
 
 def check_rows(rows: list[dict], body: dict) -> None:
@@ -127,6 +141,18 @@ def test_our_scoring_script_takes_the_azure_body_as_it_is(scoring_script):
     lists = scoring_script.score(as_lists(BODY))
     assert lists.status_code == 200, lists.text[:2000]
     assert lists.json() == objects.json()  # same rows, same seeds → the same bytes
+
+
+def test_our_scoring_script_passes_a_control_image_column(scoring_script, cn_model):
+    """A ``control_image`` column (ControlNet ``edges`` per row) next to the same row without one: each equals
+    in-process predict, and they differ (a control image dropped on the way would make them equal, or a 400)."""
+    response = scoring_script.score(CONTROL_BODY)
+    assert response.status_code == 200, response.text[:2000]
+    served = [r["generated_image"] for r in response.json()]
+    rows, params = CONTROL_BODY["input_data"]["data"], CONTROL_BODY["params"]
+    expected = cn_model.predict(pd.DataFrame(rows), params=params)["generated_image"].tolist()
+    assert served == expected
+    assert (pixels(expected[0]) != pixels(expected[1])).any()
 
 
 def test_our_scoring_script_reads_azures_sample_client_images(scoring_script):
@@ -199,6 +225,10 @@ def test_no_code_the_generic_mlflow_script_boots_and_serves_the_azure_body(no_co
         assert response.status_code == 200, response.text[:2000]
         check_rows(response.json(), body)
         assert response.json() == scoring_script.score(body).json()
+    # the control image too (the scoring script's answer equals in-process predict: test above)
+    controlled = no_code.score(CONTROL_BODY)
+    assert controlled.status_code == 200, controlled.text[:2000]
+    assert controlled.json() == scoring_script.score(CONTROL_BODY).json()
 
 
 def test_no_code_needs_pandas_before_3_to_read_the_input_example(venv):
