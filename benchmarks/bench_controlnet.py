@@ -117,7 +117,7 @@ def run(repeats: int = 7, size: int = 128, steps: int = 20) -> tuple[list[Ratio]
                 lambda p=params: model.predict(plain, params=p),
                 repeats,
             )
-            results.append(Ratio(f"2. ControlNet row / plain row, refiner={mode}", o, r, "ms", "a cost"))
+            results.append(Ratio(f"2. ControlNet row / plain row, refiner={mode}", o, r, "ms", "none (a cost)"))
     return results, same
 
 
