@@ -36,7 +36,7 @@ class ModelConfig(BaseModel):
         100_000,
         ge=1,
         description="characters of all prompts and negative prompts of one request: bounds its parsing time "
-        "(tokenizing, prompt weighting) to about a second (docs/limits.md)",
+        "(tokenizing, prompt weighting) to about a second",
     )
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="largest decoded (not base64) input image file")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image, checked before decoding")

@@ -115,13 +115,13 @@ class GenerationParams(BaseModel):
 
     refiner: Literal[REFINER_MODES] = Field(  # type: ignore[valid-type]
         "ensemble",
-        description="none: base only; ensemble: base hands latents to the refiner at 1 - refiner_ratio "
-        "(denoising_end/denoising_start); sequential: base then refiner img2img",
+        description="none: base only; ensemble: the base runs the first 1 - refiner_ratio of the schedule and hands "
+        "its latents to the refiner; sequential: the base finishes, then refiner img2img; inpainting rows too",
     )
     refiner_ratio: float = Field(
         0.2, gt=0, lt=1, description="ensemble: the refiner runs the schedule below timestep 1000 × (1 - ratio)"
     )
-    num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img runs steps × strength)")
+    num_inference_steps: int = Field(50, ge=1, description="denoising steps (img2img, inpainting: steps × strength)")
     num_inference_steps_refiner: int = Field(
         -1, ge=-1, description="sequential: refiner steps; -1 = num_inference_steps"
     )
@@ -144,19 +144,19 @@ class GenerationParams(BaseModel):
     )
     negative_prompt: str = Field("", description="what not to draw")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; request seed s gives row i the seed s + i")
-    height: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}")
-    width: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}")
+    height: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}; height × width ≤ max_pixels")
+    width: int = Field(1024, ge=MIN_SIDE, description=f"pixels, multiple of {VAE_SCALE}; height × width ≤ max_pixels")
     aspect_ratio: Literal["", *ASPECT_RATIOS] = Field(  # type: ignore[valid-type]
-        "", description="one of the SDXL resolutions; overrides height/width"
+        "", description="an SDXL resolution; overrides height/width (a row's own height/width beat it)"
     )
     scheduler: str = Field(
-        "default", description="default (packaged) or a sampler name, e.g. DDIM, K_EULER, K_DPMPP_2M"
+        "default", description="default: the packaged one (EulerDiscrete for SDXL 1.0); or a sampler by name"
     )
     timestep_spacing: Literal[TIMESTEP_SPACINGS] = Field(  # type: ignore[valid-type]
-        "default", description="default (packaged), linspace, leading or trailing"
+        "default", description="how the steps spread over the schedule; default: the packaged scheduler's"
     )
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="encoding of generated_image")
-    safety_filter: bool = Field(True, description="black out images the safety checker flags")
+    safety_filter: bool = Field(True, description="with a packaged safety checker, flagged images become black")
     on_error: Literal["raise", "null"] = Field(
         "raise",
         description="raise: the first bad row fails the whole request (HTTP 400); null: a bad row gets a "

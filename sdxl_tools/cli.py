@@ -5,7 +5,7 @@
     sdxl-pyfunc build --base DIR --refiner DIR --output PATH     # real SDXL 1.0 folders
     sdxl-pyfunc build --tiny --output PATH                       # tiny random weights (demo, tests)
     sdxl-pyfunc build --tiny --log [--name sdxl]                 # log to MLFLOW_TRACKING_URI instead
-    sdxl-pyfunc template                                         # re-render MLmodel_template/signature.json
+    sdxl-pyfunc template                                         # re-render signature.json and the docs' tables
     sdxl-pyfunc register --tiny [--name sdxl]                    # log + register a new version
     sdxl-pyfunc promote sdxl --version 2 --to staging            # gate, then move models:/sdxl@staging
     sdxl-pyfunc promote sdxl --to production --rollback          # back to the previous holder
@@ -233,11 +233,15 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 def cmd_template(args: argparse.Namespace) -> None:
     from sdxl_tools import TEMPLATE
+    from sdxl_tools.doc_tables import rendered_docs
     from sdxl_tools.signature import signature
 
     path = TEMPLATE / "signature.json"
     path.write_text(json.dumps(signature().to_dict(), indent=2) + "\n")
     print(f"wrote {path}")
+    for page, text in rendered_docs(TEMPLATE.parent / "docs").items():
+        page.write_text(text)
+        print(f"wrote {page}")
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -374,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("uri", help="model URI: a path, runs:/..., models:/NAME/VERSION, models:/NAME@alias")
     verify.set_defaults(func=cmd_verify)
 
-    template = sub.add_parser("template", help="re-render MLmodel_template/signature.json from the code")
+    template = sub.add_parser("template", help="re-render signature.json and the docs' tables from the code")
     template.set_defaults(func=cmd_template)
 
     batch = sub.add_parser("batch", help="score a prompts file into image files and a manifest; rerun to resume")

@@ -1,17 +1,21 @@
-"""File helpers the tools share: content hashes, hard-link-or-copy, writes a crash cannot tear."""
+"""File helpers the tools share: hard-link-or-copy, writes a crash cannot tear, progress in bytes."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm  # a dependency of diffusers and huggingface_hub
 
-def sha256(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    with Path(path).open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+
+def byte_bar(total: int, desc: str) -> tqdm:
+    """A transient progress bar in bytes on stderr for a long step (hashing or checking gigabytes of
+    weights); tqdm draws it only when stderr is a terminal, so logs and pipes stay clean."""
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, disable=None, file=sys.stderr
+    )
 
 
 FILE_MODE, DIR_MODE = 0o644, 0o755  # an artifact's files: readable by a server running as another user

@@ -102,16 +102,13 @@ def describe_params(params: ParamSchema | None) -> str:
 
 def breaking_changes(current: ModelSignature, candidate: ModelSignature) -> list[str]:
     """What a client of ``current`` would see break if ``candidate`` replaced it (empty: compatible)."""
-    problems = []
     old, new = _columns(current.inputs), _columns(candidate.inputs)
-    for name, spec in old.items():
-        if name not in new:
-            problems.append(f"input column {name!r} removed")
-        elif _type(spec) != _type(new[name]):
-            problems.append(f"input column {name!r} type {_type(spec)} -> {_type(new[name])}")
-        elif new[name].required and not spec.required:
+    problems = _column_changes("input", old, new)
+    for name, spec in new.items():
+        if spec.required and name not in old:
+            problems.append(f"new required input column {name!r}")
+        elif spec.required and not old[name].required:
             problems.append(f"input column {name!r} became required")
-    problems += [f"new required input column {n!r}" for n, s in new.items() if n not in old and s.required]
     old_params, new_params = _params(current.params), _params(candidate.params)
     for name, spec in old_params.items():
         if name not in new_params:
@@ -119,12 +116,17 @@ def breaking_changes(current: ModelSignature, candidate: ModelSignature) -> list
         elif (spec.dtype, spec.shape) != (new_params[name].dtype, new_params[name].shape):
             old_type, new_type = spec.to_dict()["type"], new_params[name].to_dict()["type"]
             problems.append(f"param {name!r} type {old_type} -> {new_type}")
-    old_out, new_out = _columns(current.outputs), _columns(candidate.outputs)
-    for name, spec in old_out.items():
-        if name not in new_out:
-            problems.append(f"output column {name!r} removed")
-        elif _type(spec) != _type(new_out[name]):
-            problems.append(f"output column {name!r} type {_type(spec)} -> {_type(new_out[name])}")
+    return problems + _column_changes("output", _columns(current.outputs), _columns(candidate.outputs))
+
+
+def _column_changes(kind: str, old: dict[str, ColSpec], new: dict[str, ColSpec]) -> list[str]:
+    """Columns of ``old`` that ``new`` removes or retypes."""
+    problems = []
+    for name, spec in old.items():
+        if name not in new:
+            problems.append(f"{kind} column {name!r} removed")
+        elif _type(spec) != _type(new[name]):
+            problems.append(f"{kind} column {name!r} type {_type(spec)} -> {_type(new[name])}")
     return problems
 
 

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sdxl_tools.files import sha256, write_atomic
+from model_pkg.weights import file_sha256
+from sdxl_tools.files import write_atomic
 from sdxl_tools.identity import ModelIdentity, model_difference
 
 MANIFEST = "manifest.jsonl"
@@ -147,7 +148,7 @@ def read_job(output: Path) -> dict[str, Any] | None:
 
 def check_job(output: Path, input_path: Path, params: dict[str, Any], model: ModelIdentity, write: bool = True) -> None:
     """Refuse to resume into a folder that holds another input's, other params' or another model's results."""
-    job = {"input_sha256": sha256(input_path), "params": params}
+    job = {"input_sha256": file_sha256(input_path), "params": params}
     previous = read_job(output)
     if previous is None:
         if write:

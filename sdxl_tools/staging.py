@@ -21,9 +21,9 @@ from typing import Any
 from model_pkg.catalog import STYLES_FILE, load_styles
 from model_pkg.pipelines import MANIFEST
 from model_pkg.pipelines import ManifestKey as K
-from model_pkg.weights import component_digest
+from model_pkg.weights import component_digest, file_sha256
 from sdxl_tools import TEMPLATE, VARIANTS
-from sdxl_tools.files import FILE_MODE, link_or_copy, make_dirs, sha256
+from sdxl_tools.files import FILE_MODE, byte_bar, link_or_copy, make_dirs
 
 LORA_DIR = "loras"
 CONTROLNET_DIR = "controlnets"
@@ -90,23 +90,30 @@ def _check_lora_file(path: Path) -> None:
         raise LoraError(f"{path} holds no LoRA weights (no 'lora' keys); is it a full model?")
 
 
-def stage_loras(loras: dict[str, Path], out: Path) -> dict[str, dict[str, str]]:
-    """Copy each adapter's safetensors file under ``out/loras/NAME/``; the manifest entries."""
-    manifest = {}
+Records = dict[str, dict[str, dict[str, Any]]]  # component folder -> file -> {"sha256", "size"}
+
+
+def stage_loras(loras: dict[str, Path], out: Path) -> tuple[dict[str, dict[str, str]], Records]:
+    """Copy each adapter's safetensors file under ``out/loras/NAME/``; the manifest entries and file records."""
+    manifest, records = {}, {}
     for name, source in sorted(loras.items()):
         check_name(name)
         weights = _weights_file(Path(source))
         _check_lora_file(weights)
         target = out / LORA_DIR / name / weights.name
         link_or_copy(weights, target)
-        manifest[name] = {"path": f"{LORA_DIR}/{name}", "weight_name": weights.name, "sha256": sha256(target)}
-    return manifest
+        path = f"{LORA_DIR}/{name}"
+        records[path] = _records([target], target.parent, path)
+        manifest[name] = {"path": path, "weight_name": weights.name, "sha256": records[path][weights.name]["sha256"]}
+    return manifest, records
 
 
-def stage_controlnets(controlnets: dict[str, Path], out: Path, variant: str) -> dict[str, dict[str, str]]:
+def stage_controlnets(
+    controlnets: dict[str, Path], out: Path, variant: str
+) -> tuple[dict[str, dict[str, str]], Records]:
     """Copy each diffusers ``ControlNetModel`` folder (config + safetensors) under ``out/controlnets/NAME/``;
-    the manifest entries (folder and sha256 of its files)."""
-    manifest = {}
+    the manifest entries (folder and sha256 of its files) and file records."""
+    manifest, records = {}, {}
     for name, source in sorted(controlnets.items()):
         check_name(name, "--controlnet")
         source = Path(source)
@@ -118,8 +125,10 @@ def stage_controlnets(controlnets: dict[str, Path], out: Path, variant: str) -> 
             raise BuildError(f"--controlnet {name}: {source} has no safetensors weights")
         for f in files:
             link_or_copy(f, out / CONTROLNET_DIR / name / f.relative_to(source))
-        manifest[name] = {"path": f"{CONTROLNET_DIR}/{name}", "sha256": _hash(_records(files, source))}
-    return manifest
+        path = f"{CONTROLNET_DIR}/{name}"
+        records[path] = _records(files, source, path)
+        manifest[name] = {"path": path, "sha256": _hash(records[path])}
+    return manifest, records
 
 
 def stage_styles(out: Path, source: Path) -> str:
@@ -153,9 +162,14 @@ def _select_files(component: Path, variant: str) -> list[Path]:
     return configs + weights
 
 
-def _records(files: list[Path], root: Path) -> dict[str, dict[str, Any]]:
+def _records(files: list[Path], root: Path, label: str) -> dict[str, dict[str, Any]]:
     """What ``verify_weights`` checks later: each file's sha256 and size, by path in its component."""
-    return {str(p.relative_to(root)): {"sha256": sha256(p), "size": p.stat().st_size} for p in sorted(files)}
+    records: dict[str, dict[str, Any]] = {}
+    with byte_bar(sum(p.stat().st_size for p in files), f"hashing {label}") as bar:
+        for p in sorted(files):
+            records[str(p.relative_to(root))] = {"sha256": file_sha256(p), "size": p.stat().st_size}
+            bar.update(p.stat().st_size)
+    return records
 
 
 def _hash(records: dict[str, dict[str, Any]]) -> str:
@@ -199,7 +213,7 @@ def stage_components(
         raise BuildError(f"variant must be one of {VARIANTS}")
     base, refiner, out = Path(base), Path(refiner), Path(out)
     hashes: dict[str, str] = {}
-    records: dict[str, dict[str, dict[str, Any]]] = {}  # component folder -> file -> sha256, size
+    records: Records = {}
     shared: list[str] = []
     pipelines = {  # validated before anything is written
         "base": (base, _components(base, "StableDiffusionXLPipeline")),
@@ -210,7 +224,7 @@ def stage_components(
         for name in components:
             folder = Path(vae) if vae is not None and name == "vae" else src / name
             files = _select_files(folder, variant)
-            component = _records(files, folder)
+            component = _records(files, folder, f"{role}/{name}")
             digest = _hash(component)
             if role == "refiner" and name in SHAREABLE and hashes.get(f"base/{name}") == digest:
                 shared.append(name)  # identical to the base's: loaded once, stored once (weights)
@@ -225,17 +239,13 @@ def stage_components(
         files = _select_files(Path(safety_checker), variant)
         if not any(f.suffix == ".safetensors" for f in files):
             raise BuildError(f"{safety_checker} has no safetensors weights")
-        records["safety_checker"] = _records(files, Path(safety_checker))
+        records["safety_checker"] = _records(files, Path(safety_checker), "safety_checker")
         hashes["safety_checker"] = _hash(records["safety_checker"])
         for f in files:
             link_or_copy(f, out / "safety_checker" / f.relative_to(safety_checker))
-    lora_entries = stage_loras(loras or {}, out)
-    for entry in lora_entries.values():
-        records[entry["path"]] = _records([out / entry["path"] / entry["weight_name"]], out / entry["path"])
-    controlnet_entries = stage_controlnets(controlnets or {}, out, variant)
-    for entry in controlnet_entries.values():
-        folder = out / entry["path"]
-        records[entry["path"]] = _records([f for f in folder.rglob("*") if f.is_file()], folder)
+    lora_entries, lora_records = stage_loras(loras or {}, out)
+    controlnet_entries, controlnet_records = stage_controlnets(controlnets or {}, out, variant)
+    records |= lora_records | controlnet_records
     hashes |= {entry["path"]: entry["sha256"] for entry in controlnet_entries.values()}  # keyed by folder, as records
     manifest = {
         K.CONTROLNETS: controlnet_entries,

@@ -6,10 +6,12 @@ import json
 
 from mlflow.models import Model
 
+from model_pkg.config import ModelConfig
 from model_pkg.contract import OUTPUT_COLUMNS, ROW_FIELDS, GenerationParams
-from sdxl_tools import TEMPLATE
+from sdxl_tools import TEMPLATE, doc_tables
 from sdxl_tools.artifact import input_example
 from sdxl_tools.client import b64_to_image
+from sdxl_tools.doc_tables import rendered_docs
 from sdxl_tools.signature import signature
 from sdxl_tools.spark import SPARK_RESULT_TYPE, SPARK_RESULT_TYPE_WITH_ERRORS
 
@@ -105,26 +107,22 @@ def test_reproduction_request_records_every_param(model):
     assert recorded == set(GenerationParams.model_fields) - set(NOT_REPRODUCED)
 
 
-def readme_params_table() -> dict[str, str]:
-    """``param -> default`` from the params table of docs/contract.md (one row may name several params)."""
-    text = (TEMPLATE.parent / "docs" / "contract.md").read_text()
-    section = text.split("## Params", 1)[1].split("\n\n", 2)[1]
-    table: dict[str, str] = {}
-    for line in section.splitlines()[2:]:
-        names, default = (cell.strip() for cell in line.strip("|").split("|")[:2])
-        for name in names.replace("`", "").split(","):
-            table[name.strip()] = default.strip("`")
-    return table
+def test_docs_tables_are_what_the_code_declares():
+    """docs/contract.md's params and docs/limits.md's model-config tables are rendered from the pydantic
+    declarations (`sdxl-pyfunc template`): a param or key added, renamed or re-defaulted in code fails here."""
+    pages = rendered_docs(TEMPLATE.parent / "docs")
+    assert {p.name for p in pages} == {"contract.md", "limits.md"}
+    for page, text in pages.items():
+        assert page.read_text() == text, f"{page.name} lags behind the code: run `sdxl-pyfunc template`"
 
 
-def test_readme_params_table_lists_every_param_with_its_default():
-    table = readme_params_table()
-    assert set(table) == set(GenerationParams.model_fields)
-    for name, field in GenerationParams.model_fields.items():
-        default, written = field.default, table[name]
-        if isinstance(default, bool):
-            assert written == str(default).lower(), name
-        elif isinstance(default, int | float):
-            assert float(written) == default, name
-        else:
-            assert written == (default or '""'), name
+def test_docs_tables_carry_each_field_with_its_default_and_bounds():
+    lines = doc_tables.table(GenerationParams, "param").splitlines()[2:]
+    rows = {line.split(" | ")[0].strip("| `"): line for line in lines}
+    assert list(rows) == list(GenerationParams.model_fields)
+    assert "| `seed` | integer | `-1` | [-1, 4294967295] |" in rows["seed"]
+    assert "| `refiner_ratio` | number | `0.2` | (0, 1) |" in rows["refiner_ratio"]
+    assert "`K_DPMPP_2M`" in rows["scheduler"] and "`16:9` 1344×768" in rows["aspect_ratio"]
+    config = doc_tables.table(ModelConfig, "key")
+    assert "| `request_timeout_s` | number or null | null | ≥ 0 |" in config
+    assert "| `image_formats` | list of string | PNG, JPEG, WEBP |" in config

@@ -106,3 +106,49 @@ def test_the_model_hash_is_computed_from_the_verified_files(artifact, model):
         == model_hash(hashes)
         == model.unwrap_python_model().pipelines.catalog.model_hash
     )
+
+
+def on_a_terminal(monkeypatch, run) -> str:
+    """What ``run()`` draws on stderr when stderr is a terminal (a real pseudo-terminal, read meanwhile)."""
+    import fcntl
+    import os
+    import select
+    import struct
+    import sys
+    import termios
+    import threading
+
+    main, side = os.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80×24, as a terminal window
+    chunks: list[bytes] = []
+    done = threading.Event()
+
+    def read() -> None:  # drain while run() writes, so a full terminal buffer never blocks it
+        while not done.is_set() or select.select([main], [], [], 0)[0]:
+            if select.select([main], [], [], 0.05)[0]:
+                chunks.append(os.read(main, 65536))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with open(side, "w", buffering=1) as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        run()
+        terminal.flush()
+        done.set()
+        reader.join(timeout=5)
+    os.close(main)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_long_steps_draw_progress_bars_on_a_terminal_only(tiny, artifact, tmp_path, monkeypatch, capfd):
+    """Hashing at build and checking every byte at verify show bytes bars on a terminal; a pipe gets none."""
+    from sdxl_tools.staging import stage_components
+    from sdxl_tools.verify import verify_model
+
+    drawn = on_a_terminal(monkeypatch, lambda: stage_components(tiny.base, tiny.refiner, tmp_path / "staged"))
+    assert "hashing base/unet" in drawn and "hashing refiner/unet" in drawn
+    drawn = on_a_terminal(monkeypatch, lambda: verify_model(artifact))
+    assert "verifying sha256" in drawn
+    monkeypatch.undo()
+    verify_model(artifact)
+    assert "verifying" not in capfd.readouterr().err
