@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny real SDXL pipelines, the artifact built from them, a sqlite MLflow store, and the
-serving platforms' virtualenvs (``platforms.py``, built once per machine).
+"""Shared fixtures: tiny real SDXL pipelines, tiny ControlNets, the artifacts built from them, a sqlite
+MLflow store, and the serving platforms' virtualenvs (``platforms.py``, built once per machine).
 
 Everything is built once per test session from the real diffusers/transformers classes; nothing is
 downloaded and nothing is mocked.
