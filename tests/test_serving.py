@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image
 
@@ -344,3 +346,25 @@ def test_a_request_that_cannot_finish_within_the_servers_timeout_is_refused_up_f
         assert "would take about" in message and "of its 5 s limit (request_timeout_s)" in message
         assert len(predictions(server.invoke(GOOD, timeout=30))) == 1
         assert "cost calibration at 256²" in server.log.read_text(errors="replace")
+
+
+def test_sigterm_mid_request_finishes_the_request_and_the_server_exits(registry):
+    """SIGTERM to the ``mlflow models serve`` process while a request generates: the CLI passes it on to
+    uvicorn (MLflow starts it with ``PR_SET_PDEATHSIG``), whose graceful shutdown lets the running request
+    answer 200; then every process of the server is gone (docs/serving.md, "Shutdown")."""
+    server = ScoringServer(f"models:/{NAME}@{ALIAS}", env={"MLFLOW_TRACKING_URI": registry}).start()
+    try:
+        processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(True)]
+        body = {"dataframe_records": [{"prompt": "a cat"}] * 2, "params": {**FAST, "height": 256, "width": 256}}
+        body["params"]["num_inference_steps"] = 40  # seconds even on an idle 2-core CPU
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(server.invoke, body, timeout=300)
+            time.sleep(2)
+            assert not pending.done()  # still generating when the signal comes
+            server.process.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=300)
+        assert [r["seed"] >= 0 for r in predictions(response)] == [True, True]
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert alive == [], f"still running 30 s after the answer: {alive}\n{server.log_text()}"
+    finally:
+        server.stop()
