@@ -42,7 +42,11 @@ class MLServer:
     def __init__(self, url: str):
         self.url = url
 
-    def infer(self, body: dict) -> requests.Response:
+    def infer(self, body: dict | bytes) -> requests.Response:
+        """POST ``body`` (a dict → JSON, or the raw bytes of a body)."""
+        if isinstance(body, bytes):
+            headers = {"Content-Type": "application/json"}
+            return requests.post(f"{self.url}/v2/models/sdxl/infer", data=body, headers=headers, timeout=300)
         return requests.post(f"{self.url}/v2/models/sdxl/infer", json=body, timeout=300)
 
 
@@ -146,6 +150,38 @@ def test_malformed_v2_inputs_are_a_400_naming_the_input_and_the_server_keeps_ser
     assert response.status_code == 400, response.text[:2000]
     for text in expected:
         assert text in response.json()["error"]
+    assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
+
+
+def test_brackets_nested_100000_deep_inside_a_prompt_string_are_the_models_400(server):
+    response = server.infer(v2(column("prompt", ["[" * 100_000]), **FAST))
+    assert response.status_code == 400, response.text[:2000]
+    assert "Row 0: 'prompt' has 100000 characters, over the 4000 limit" in response.json()["error"]
+    assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
+
+
+PROMPT = b'{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": '
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [' + PROMPT + b"[" * 50_000 + b'"a"' + b"]" * 50_000 + b"}]}",
+        b'{"inputs": [' + PROMPT + b'["a"]}], "parameters": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+    ],
+    ids=["nested arrays in data", "nested objects in parameters"],
+)
+def test_json_nested_50000_deep_is_mlservers_own_422_before_the_runtime(server, body):
+    """MLServer parses the body (with orjson, which has a depth limit) before any runtime code runs: FastAPI
+    answers the parse error itself with a 422, not a 500 (docs/limits.md); the server keeps serving."""
+    response = server.infer(body)
+    assert response.status_code == 422, response.text[:2000]
+    detail = response.json()["detail"][0]
+    assert (detail["type"], detail["msg"], detail["ctx"]) == (
+        "json_invalid",
+        "JSON decode error",
+        {"error": "depth limit exceeded"},
+    )
     assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
 
 
