@@ -49,6 +49,21 @@ class Ratio:
         )
 
 
+def write_section(name: str, lines: list[str]) -> Path:
+    """Replace the ``<!-- BEGIN name -->`` … ``<!-- END name -->`` section of RESULTS.md with ``lines``
+    (appended at the end the first time); a script's section holds only what its last run wrote."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    section = "\n".join([begin, *lines, end])
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    return path
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()

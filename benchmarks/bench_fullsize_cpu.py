@@ -41,11 +41,12 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks.bench_core import write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 warnings.filterwarnings("ignore")
 
-BEGIN, END = "<!-- BEGIN bench_fullsize_cpu -->", "<!-- END bench_fullsize_cpu -->"
 GIB = 2**30
 NEEDS_FREE_RAM = 20 * GIB
 
@@ -319,29 +320,19 @@ def table(f: dict, args: argparse.Namespace) -> list[str]:
 
 def write_results(figures: dict, lines: list[str], args: argparse.Namespace, seconds: float) -> None:
     m = figures["machine"]
-    section = "\n".join(
-        [
-            BEGIN,
-            "## Full-size SDXL 1.0 on CPU",
-            "",
-            f"Written by `python benchmarks/bench_fullsize_cpu.py` ({m['date']}, {seconds / 60:.0f} min): "
-            f"{m['cpu']}, {m['cores']} cores, {m['ram']} RAM, CPU flags {m['flags']}, torch {m['torch']}; "
-            f"load average {m['load']} at the start, {os.getloadavg()[0]:.1f} at the end. "
-            "Random weights in the published SDXL 1.0 sizes (compute and memory as the real model's). "
-            "Each pair measured in the same run; predict and load pairs interleaved (medians), the two "
-            "UNet dtypes one after the other (both at once would need 15 GB).",
-            "",
-            *lines,
-            END,
-        ]
-    )
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    section = [
+        "## Full-size SDXL 1.0 on CPU",
+        "",
+        f"Written by `python benchmarks/bench_fullsize_cpu.py` ({m['date']}, {seconds / 60:.0f} min): "
+        f"{m['cpu']}, {m['cores']} cores, {m['ram']} RAM, CPU flags {m['flags']}, torch {m['torch']}; "
+        f"load average {m['load']} at the start, {os.getloadavg()[0]:.1f} at the end. "
+        "Random weights in the published SDXL 1.0 sizes (compute and memory as the real model's). "
+        "Each pair measured in the same run; predict and load pairs interleaved (medians), the two "
+        "UNet dtypes one after the other (both at once would need 15 GB).",
+        "",
+        *lines,
+    ]
+    path = write_section("bench_fullsize_cpu", section)
     print(f"wrote the full-size section of {path}")
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from sdxl_tools.artifact import requirements
+from sdxl_tools.artifact import requirements, save_artifact
 from sdxl_tools.client import b64_to_image
+from sdxl_tools.staging import stage_components
 from testkit.helpers import FAST, png_b64
 from testkit.platforms import MLSERVER, server_env, unmet_requirements
 from testkit.processes import free_port, running
@@ -55,8 +56,9 @@ def venv(platform_venv) -> Path:
     return platform_venv(MLSERVER.name)
 
 
-@pytest.fixture(scope="module")
-def server(venv, artifact, tmp_path_factory) -> Iterator[MLServer]:
+@contextlib.contextmanager
+def mlserver(venv: Path, artifact: Path, log: Path) -> Iterator[MLServer]:
+    """``mlserver start <artifact>`` on 127.0.0.1 until the model is ready; stopped afterwards."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     env = server_env(
         venv,
@@ -66,11 +68,16 @@ def server(venv, artifact, tmp_path_factory) -> Iterator[MLServer]:
         MLSERVER_METRICS_PORT=str(metrics),
     )
     url = f"http://127.0.0.1:{http}"
-    log = tmp_path_factory.mktemp("mlserver") / "log"
     with running(
         [str(venv / "bin" / "mlserver"), "start", str(artifact)], f"{url}/v2/models/sdxl/ready", log, env, 420
     ):
         yield MLServer(url)
+
+
+@pytest.fixture(scope="module")
+def server(venv, artifact, tmp_path_factory) -> Iterator[MLServer]:
+    with mlserver(venv, artifact, tmp_path_factory.mktemp("mlserver") / "log") as server:
+        yield server
 
 
 def test_the_image_holds_the_artifacts_requirements(venv):
@@ -231,3 +238,21 @@ def test_sigterm_mid_request_with_parallel_workers_0_finishes_the_request_and_ex
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_request_timeout_s_refuses_up_front_with_a_400_and_stops_a_late_request_with_a_504(venv, tiny, tmp_path):
+    """``request_timeout_s`` (model config, 3 s) with MLServer's default parallel worker: 4 × 1024² is a 400
+    giving the estimate and the limit; a request that outlasts its estimate (1 × 64² at 150 steps: fixed
+    per-step costs, which the per-megapixel estimate undercounts at small sizes) stops at its deadline with a
+    504 naming it, not a 500; the server keeps serving."""
+    staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
+    with_deadline = save_artifact(staged, tmp_path / "model", model_config={"request_timeout_s": 3})
+    with mlserver(venv, with_deadline, tmp_path / "log") as server:
+        refused = server.infer(v2(column("prompt", ["a cat"] * 4), num_inference_steps=8, height=1024, width=1024))
+        assert refused.status_code == 400, refused.text[:2000]
+        assert "would take about" in refused.json()["error"]
+        assert "of its 3 s limit (request_timeout_s)" in refused.json()["error"]
+        late = server.infer(v2(column("prompt", ["a cat"]), num_inference_steps=150, height=64, width=64))
+        assert late.status_code == 504, late.text[:2000]
+        assert "The request passed its deadline (request_timeout_s)" in late.json()["error"]
+        assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
