@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 from sdxl_tools.artifact import requirements, save_artifact
 from sdxl_tools.client import b64_to_image
 from sdxl_tools.staging import stage_components
-from testkit.helpers import png_b64
+from testkit.helpers import LATE_STEPS, guidance_outlasting_the_estimate, png_b64
 from testkit.platforms import AZUREML, ROOT, server_env, unmet_requirements
 from testkit.processes import free_port, running
 
@@ -269,26 +269,28 @@ def test_a_request_longer_than_gunicorns_graceful_timeout_is_dropped_at_sigterm(
 
 
 def test_request_timeout_s_inside_the_graceful_timeout_answers_every_request_at_sigterm(venv, tiny, tmp_path):
-    """The remedy docs/deploy-azureml.md states: ``request_timeout_s`` (3 s, model config) below gunicorn's
-    graceful timeout (10 s here): what cannot finish is a 400 up front giving the estimate and the limit; a
-    request that outlasts its estimate (1 × 64² at 150 steps: fixed per-step costs, which the per-megapixel
-    estimate undercounts at small sizes, see benchmarks/bench_deadline.py) stops at its deadline with a 504
-    while SIGTERM waits for it, and the server exits; no dropped connection."""
+    """The remedy docs/deploy-azureml.md states: ``request_timeout_s`` (8 s, model config) below gunicorn's
+    graceful timeout (15 s here): what cannot finish is a 400 up front giving the estimate and the limit; a
+    request that outlasts its estimate (64² rows at 150 steps, see ``guidance_outlasting_the_estimate``)
+    stops at its deadline with a 504 while SIGTERM waits for it, and the server exits; no dropped connection."""
     staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
-    with_deadline = save_artifact(staged, tmp_path / "built" / "model", model_config={"request_timeout_s": 3})
+    with_deadline = save_artifact(staged, tmp_path / "built" / "model", model_config={"request_timeout_s": 8})
     app = tmp_path / "app"
     app.mkdir()
     script, model = deployment_folder(with_deadline, app)
-    graceful = {"GUNICORN_CMD_ARGS": "--graceful-timeout 10"}
+    graceful = {"GUNICORN_CMD_ARGS": "--graceful-timeout 15"}
     with serving(venv, model, script, tmp_path / "log", cwd=app, **graceful) as server:
         too_big = {"input_data": {"columns": ["prompt"], "data": [["a cat"]] * 4}}
         refused = server.score({**too_big, "params": {"num_inference_steps": 8, "height": 1024, "width": 1024}})
         assert refused.status_code == 400, refused.text[:2000]
         assert "would take about" in refused.json()["message"]
-        assert "of its 3 s limit (request_timeout_s)" in refused.json()["message"]
+        assert "of its 8 s limit (request_timeout_s)" in refused.json()["message"]
 
-        slow = {"input_data": {"columns": ["prompt"], "data": [["a cat"]]}}
-        late = sigterm_during(server, {**slow, "params": {"num_inference_steps": 150, "height": 64, "width": 64}}, 1)
+        rows = [["a cat", g] for g in guidance_outlasting_the_estimate(tmp_path / "log", 8)]
+        slow = {"input_data": {"columns": ["prompt", "guidance_scale"], "data": rows}}
+        late = sigterm_during(
+            server, {**slow, "params": {"num_inference_steps": LATE_STEPS, "height": 64, "width": 64}}
+        )
         assert isinstance(late, requests.Response), late
         assert late.status_code == 504, late.text[:2000]
         assert late.json() == {

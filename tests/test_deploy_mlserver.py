@@ -19,7 +19,7 @@ import requests
 from sdxl_tools.artifact import requirements, save_artifact
 from sdxl_tools.client import b64_to_image
 from sdxl_tools.staging import stage_components
-from testkit.helpers import FAST, png_b64
+from testkit.helpers import FAST, LATE_STEPS, guidance_outlasting_the_estimate, png_b64
 from testkit.platforms import MLSERVER, server_env, unmet_requirements
 from testkit.processes import free_port, running
 
@@ -241,18 +241,20 @@ def test_sigterm_mid_request_with_parallel_workers_0_finishes_the_request_and_ex
 
 
 def test_request_timeout_s_refuses_up_front_with_a_400_and_stops_a_late_request_with_a_504(venv, tiny, tmp_path):
-    """``request_timeout_s`` (model config, 3 s) with MLServer's default parallel worker: 4 × 1024² is a 400
-    giving the estimate and the limit; a request that outlasts its estimate (1 × 64² at 150 steps: fixed
-    per-step costs, which the per-megapixel estimate undercounts at small sizes) stops at its deadline with a
-    504 naming it, not a 500; the server keeps serving."""
+    """``request_timeout_s`` (model config, 8 s) with MLServer's default parallel worker: 4 × 1024² is a 400
+    giving the estimate and the limit; a request that outlasts its estimate (64² rows at 150 steps, see
+    ``guidance_outlasting_the_estimate``) stops at its deadline with a 504 naming it, not a 500; the server
+    keeps serving."""
     staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
-    with_deadline = save_artifact(staged, tmp_path / "model", model_config={"request_timeout_s": 3})
+    with_deadline = save_artifact(staged, tmp_path / "model", model_config={"request_timeout_s": 8})
     with mlserver(venv, with_deadline, tmp_path / "log") as server:
         refused = server.infer(v2(column("prompt", ["a cat"] * 4), num_inference_steps=8, height=1024, width=1024))
         assert refused.status_code == 400, refused.text[:2000]
         assert "would take about" in refused.json()["error"]
-        assert "of its 3 s limit (request_timeout_s)" in refused.json()["error"]
-        late = server.infer(v2(column("prompt", ["a cat"]), num_inference_steps=150, height=64, width=64))
+        assert "of its 8 s limit (request_timeout_s)" in refused.json()["error"]
+        guidance = guidance_outlasting_the_estimate(tmp_path / "log", 8)
+        prompts, scales = column("prompt", ["a cat"] * len(guidance)), column("guidance_scale", guidance, "FP64")
+        late = server.infer(v2(prompts, scales, num_inference_steps=LATE_STEPS, height=64, width=64))
         assert late.status_code == 504, late.text[:2000]
         assert "The request passed its deadline (request_timeout_s)" in late.json()["error"]
         assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
