@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 from sdxl_tools.artifact import requirements, save_artifact
 from sdxl_tools.client import b64_to_image
 from sdxl_tools.staging import stage_components
-from testkit.helpers import LATE_STEPS, guidance_outlasting_the_estimate, png_b64
+from testkit.helpers import LATE_STEPS, MID_RUN_ROW, guidance_lasting, guidance_outlasting_the_estimate, png_b64
 from testkit.platforms import AZUREML, ROOT, server_env, unmet_requirements
 from testkit.processes import free_port, running
 
@@ -223,9 +223,19 @@ def test_no_code_needs_pandas_before_3_to_read_the_input_example(venv):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-# 2 × 256² rows at 40 steps: seconds on an idle 2-core CPU, well inside gunicorn's 30 s graceful timeout
-MID_RUN = {"input_data": {"columns": ["prompt"], "data": [["a cat"], ["a dog"]]}}
-MID_RUN["params"] = {"num_inference_steps": 40, "height": 256, "width": 256}
+def mid_run(server: Azmlinfsrv, seconds: float) -> dict:
+    """A request of about ``seconds`` on this server now (see ``guidance_lasting``)."""
+
+    def body(guidance: list[float]) -> dict:
+        rows = [["a cat", g] for g in guidance]
+        return {"input_data": {"columns": ["prompt", "guidance_scale"], "data": rows}, "params": MID_RUN_ROW}
+
+    def timed(guidance: list[float]) -> float:
+        start = time.monotonic()
+        assert server.score(body(guidance)).status_code == 200
+        return time.monotonic() - start
+
+    return body(guidance_lasting(seconds, timed))
 
 
 def sigterm_during(server: Azmlinfsrv, body: dict, after_s: float = 2) -> requests.Response | requests.ConnectionError:
@@ -245,12 +255,14 @@ def sigterm_during(server: Azmlinfsrv, body: dict, after_s: float = 2) -> reques
 def test_sigterm_mid_request_inside_gunicorns_graceful_timeout_answers_200_and_the_server_exits(
     venv, artifact, tmp_path
 ):
+    """A request of about 8 s (well inside gunicorn's default 30 s graceful timeout), SIGTERM 2 s in."""
     script, model = deployment_folder(artifact, tmp_path)
     with serving(venv, model, script, tmp_path / "log", cwd=tmp_path) as server:
-        response = sigterm_during(server, MID_RUN)
+        body = mid_run(server, 8)
+        response = sigterm_during(server, body)
         assert isinstance(response, requests.Response), response
         assert response.status_code == 200, response.text[:2000]
-        assert [row["prompt"] for row in response.json()] == ["a cat", "a dog"]
+        assert len(response.json()) == len(body["input_data"]["data"])
         assert server.process.wait(timeout=30) is not None  # then gunicorn exits
 
 
@@ -259,11 +271,10 @@ def test_a_request_longer_than_gunicorns_graceful_timeout_is_dropped_at_sigterm(
     and the client gets no HTTP answer. ``GUNICORN_CMD_ARGS="--graceful-timeout 2"`` (azmlinfsrv does not
     set it, so gunicorn takes it from the environment) makes that window 2 s instead of 30 s."""
     script, model = deployment_folder(artifact, tmp_path)
-    long = {**MID_RUN, "params": {**MID_RUN["params"], "num_inference_steps": 80}}  # 2 × the 2-s window at least
     with serving(
         venv, model, script, tmp_path / "log", cwd=tmp_path, GUNICORN_CMD_ARGS="--graceful-timeout 2"
     ) as server:
-        dropped = sigterm_during(server, long)
+        dropped = sigterm_during(server, mid_run(server, 10))  # SIGTERM 2 s in, the window ends at 4 s
         assert isinstance(dropped, requests.ConnectionError), dropped.text[:2000]
         assert server.process.wait(timeout=30) is not None
 
