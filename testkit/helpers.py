@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,3 +75,37 @@ def flip_mantissa_bits(path: Any, name: str, count: int = 64) -> None:
             low = f.read(1)[0]
             f.seek(start + 4 * i)
             f.write(bytes([low ^ 1]))  # little endian: the first byte holds the lowest mantissa bits
+
+
+CALIBRATION = re.compile(r"cost calibration at (\d+)²: ([\d.]+) s per UNet step per megapixel, ([\d.]+) s per image")
+LATE_STEPS, LATE_SIDE = 150, 64
+
+
+def guidance_outlasting_the_estimate(server_log: Path, limit_s: float) -> list[float]:
+    """Per-row ``guidance_scale`` values for a request of 64² rows at 150 steps that the server's own cost
+    calibration (read from its log) estimates at about a third of ``limit_s``. Distinct values make each
+    row its own pipeline call; at 64² fixed per-step costs dominate, so each call takes several times its
+    per-megapixel estimate (benchmarks/bench_deadline.py) and the request passes the up-front check, then
+    runs past its deadline, on a quiet machine and on a busy one alike (the calibration scales with it)."""
+    found = CALIBRATION.search(server_log.read_text(errors="replace"))
+    assert found, f"no cost calibration in the server log:\n{server_log.read_text(errors='replace')[-3000:]}"
+    per_step, per_image = float(found[2]), float(found[3])
+    per_row = LATE_SIDE**2 / 1e6 * (LATE_STEPS * per_step + per_image)
+    rows = max(1, min(16, int(limit_s / 3 / per_row)))
+    assert rows * per_row < limit_s, f"one 64² row at 150 steps is estimated at {per_row:.1f} s: raise the limit"
+    return [5.0 + i / 10 for i in range(rows)]
+
+
+MID_RUN_ROW = {"height": 256, "width": 256, "num_inference_steps": 40}  # one row of a mid-run request
+
+
+def guidance_lasting(seconds: float, timed: Callable[[list[float]], float], most: int = 64) -> list[float]:
+    """Per-row ``guidance_scale`` values for a request of about ``seconds`` of ``MID_RUN_ROW`` rows on this
+    server now; ``timed(guidance)`` sends such a request and returns its seconds. Distinct values make each
+    row its own pipeline call, so the time grows with the rows: one and two rows are timed (after an untimed
+    warm-up) and the rows are counted from the difference, so the request is still generating a few seconds
+    in on an idle CPU and not minutes long on a busy one (at most ``most`` rows)."""
+    timed([5.0])
+    one, two = timed([5.0]), timed([5.0, 5.1])
+    per_row = max(two - one, 0.05)
+    return [5.0 + i / 10 for i in range(max(1, min(most, round((seconds - one) / per_row) + 1)))]

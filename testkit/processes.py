@@ -38,8 +38,9 @@ def _tail(log: Path, chars: int = 3000) -> str:
 @contextmanager
 def running(
     args: list[str], ready_url: str, log: Path, env: dict[str, str], timeout: float = 240, cwd: Path | None = None
-) -> Iterator[None]:
-    """Run ``args`` in its own process group until ``ready_url`` answers 200; stop the group afterwards.
+) -> Iterator[subprocess.Popen]:
+    """Run ``args`` in its own process group until ``ready_url`` answers 200 (yields the child, e.g. to signal
+    it); stop the group afterwards.
 
     Fails early with the log's tail when the child exits while we wait.
     """
@@ -58,7 +59,7 @@ def running(
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{ready_url} not ready after {timeout} s:\n{_tail(log)}")
                 time.sleep(0.5)
-            yield
+            yield proc
         finally:
             _stop(proc)
 

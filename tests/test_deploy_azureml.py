@@ -12,11 +12,15 @@ in a venv made as Azure makes it: the curated MLflow image's packages, then the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -24,9 +28,17 @@ import pytest
 import requests
 from packaging.requirements import Requirement
 
-from sdxl_tools.artifact import requirements
+from sdxl_tools.artifact import requirements, save_artifact
 from sdxl_tools.client import b64_to_image
-from testkit.helpers import pixels, png_b64
+from sdxl_tools.staging import stage_components
+from testkit.helpers import (
+    LATE_STEPS,
+    MID_RUN_ROW,
+    guidance_lasting,
+    guidance_outlasting_the_estimate,
+    pixels,
+    png_b64,
+)
 from testkit.platforms import AZUREML, ROOT, server_env, unmet_requirements
 from testkit.processes import free_port, running
 
@@ -68,8 +80,9 @@ def as_lists(body: dict) -> dict:
 
 
 class Azmlinfsrv:
-    def __init__(self, url: str):
+    def __init__(self, url: str, process: subprocess.Popen):
         self.url = url
+        self.process = process  # the gunicorn master (azmlinfsrv runs gunicorn in its own process)
 
     def score(self, body: dict | str) -> requests.Response:
         data = body if isinstance(body, str) else json.dumps(body)
@@ -86,8 +99,11 @@ def serve(
     env.pop("AML_APP_ROOT", None)
     args = [str(venv / "bin" / "python"), str(ROOT / "samples" / "azmlinfsrv_local.py")]
     args += ["--entry_script", str(entry_script), "--port", str(port)]
-    with running(args, f"http://127.0.0.1:{port}/", log, env, timeout=420, cwd=cwd or log.parent):
-        yield Azmlinfsrv(f"http://127.0.0.1:{port}")
+    with running(args, f"http://127.0.0.1:{port}/", log, env, timeout=420, cwd=cwd or log.parent) as process:
+        yield Azmlinfsrv(f"http://127.0.0.1:{port}", process)
+
+
+serving = contextlib.contextmanager(serve)  # one server for one test: `with serving(...) as server:`
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +119,16 @@ def scoring_script(venv, cn_artifact, tmp_path_factory) -> Iterator[Azmlinfsrv]:
     itself."""
     artifact = cn_artifact
     app = tmp_path_factory.mktemp("app")
-    script = Path(shutil.copy(ROOT / "deploy" / "azureml" / "score.py", app))
-    model = shutil.copytree(artifact, app / "azureml-models" / "sdxl" / "1" / artifact.name)
+    script, model = deployment_folder(artifact, app)
     assert sorted(str(p.relative_to(app)) for p in app.iterdir()) == ["azureml-models", "score.py"]
     log = tmp_path_factory.mktemp("az") / "log"
     yield from serve(venv, model, script, log, cwd=app)
+
+
+def deployment_folder(artifact: Path, app: Path) -> tuple[Path, Path]:
+    """``app`` holding score.py and the model as Azure mounts it: (script, model folder)."""
+    script = Path(shutil.copy(ROOT / "deploy" / "azureml" / "score.py", app))
+    return script, Path(shutil.copytree(artifact, app / "azureml-models" / "sdxl" / "1" / artifact.name))
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +258,91 @@ def test_no_code_needs_pandas_before_3_to_read_the_input_example(venv):
     probe = 'import pandas as pd; pd.read_json(\'{"columns": ["a"], "data": [[1]]}\', orient=\'split\')'
     result = subprocess.run([str(venv / "bin" / "python"), "-W", "ignore", "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def mid_run(server: Azmlinfsrv, seconds: float) -> dict:
+    """A request of about ``seconds`` on this server now (see ``guidance_lasting``)."""
+
+    def body(guidance: list[float]) -> dict:
+        rows = [["a cat", g] for g in guidance]
+        return {"input_data": {"columns": ["prompt", "guidance_scale"], "data": rows}, "params": MID_RUN_ROW}
+
+    def timed(guidance: list[float]) -> float:
+        start = time.monotonic()
+        assert server.score(body(guidance)).status_code == 200
+        return time.monotonic() - start
+
+    return body(guidance_lasting(seconds, timed))
+
+
+def sigterm_during(server: Azmlinfsrv, body: dict, after_s: float = 2) -> requests.Response | requests.ConnectionError:
+    """SIGTERM to the gunicorn master ``after_s`` into ``body``'s request, which must still be running then:
+    the response, or the connection error the client got instead."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.score, body)
+        time.sleep(after_s)
+        assert not pending.done(), f"the request ended before the signal: {pending.result().text[:2000]}"
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            return pending.result(timeout=300)
+        except requests.ConnectionError as e:
+            return e
+
+
+def test_sigterm_mid_request_inside_gunicorns_graceful_timeout_answers_200_and_the_server_exits(
+    venv, artifact, tmp_path
+):
+    """A request of about 8 s (well inside gunicorn's default 30 s graceful timeout), SIGTERM 2 s in."""
+    script, model = deployment_folder(artifact, tmp_path)
+    with serving(venv, model, script, tmp_path / "log", cwd=tmp_path) as server:
+        body = mid_run(server, 8)
+        response = sigterm_during(server, body)
+        assert isinstance(response, requests.Response), response
+        assert response.status_code == 200, response.text[:2000]
+        assert len(response.json()) == len(body["input_data"]["data"])
+        assert server.process.wait(timeout=30) is not None  # then gunicorn exits
+
+
+def test_a_request_longer_than_gunicorns_graceful_timeout_is_dropped_at_sigterm(venv, artifact, tmp_path):
+    """What a deployment without a deadline gets: gunicorn kills the worker when its graceful timeout ends,
+    and the client gets no HTTP answer. ``GUNICORN_CMD_ARGS="--graceful-timeout 2"`` (azmlinfsrv does not
+    set it, so gunicorn takes it from the environment) makes that window 2 s instead of 30 s."""
+    script, model = deployment_folder(artifact, tmp_path)
+    with serving(
+        venv, model, script, tmp_path / "log", cwd=tmp_path, GUNICORN_CMD_ARGS="--graceful-timeout 2"
+    ) as server:
+        dropped = sigterm_during(server, mid_run(server, 10))  # SIGTERM 2 s in, the window ends at 4 s
+        assert isinstance(dropped, requests.ConnectionError), dropped.text[:2000]
+        assert server.process.wait(timeout=30) is not None
+
+
+def test_request_timeout_s_inside_the_graceful_timeout_answers_every_request_at_sigterm(venv, tiny, tmp_path):
+    """The remedy docs/deploy-azureml.md states: ``request_timeout_s`` (8 s, model config) below gunicorn's
+    graceful timeout (15 s here): what cannot finish is a 400 up front giving the estimate and the limit; a
+    request that outlasts its estimate (64² rows at 150 steps, see ``guidance_outlasting_the_estimate``)
+    stops at its deadline with a 504 while SIGTERM waits for it, and the server exits; no dropped connection."""
+    staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
+    with_deadline = save_artifact(staged, tmp_path / "built" / "model", model_config={"request_timeout_s": 8})
+    app = tmp_path / "app"
+    app.mkdir()
+    script, model = deployment_folder(with_deadline, app)
+    graceful = {"GUNICORN_CMD_ARGS": "--graceful-timeout 15"}
+    with serving(venv, model, script, tmp_path / "log", cwd=app, **graceful) as server:
+        too_big = {"input_data": {"columns": ["prompt"], "data": [["a cat"]] * 4}}
+        refused = server.score({**too_big, "params": {"num_inference_steps": 8, "height": 1024, "width": 1024}})
+        assert refused.status_code == 400, refused.text[:2000]
+        assert "would take about" in refused.json()["message"]
+        assert "of its 8 s limit (request_timeout_s)" in refused.json()["message"]
+
+        rows = [["a cat", g] for g in guidance_outlasting_the_estimate(tmp_path / "log", 8)]
+        slow = {"input_data": {"columns": ["prompt", "guidance_scale"], "data": rows}}
+        late = sigterm_during(
+            server, {**slow, "params": {"num_inference_steps": LATE_STEPS, "height": 64, "width": 64}}
+        )
+        assert isinstance(late, requests.Response), late
+        assert late.status_code == 504, late.text[:2000]
+        assert late.json() == {
+            "message": "The request passed its deadline (request_timeout_s)",
+            "error_code": "DEADLINE_EXCEEDED",
+        }
+        assert server.process.wait(timeout=30) is not None

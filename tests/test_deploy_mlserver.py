@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 import requests
 
-from sdxl_tools.artifact import requirements
+from sdxl_tools.artifact import requirements, save_artifact
 from sdxl_tools.client import b64_to_image
-from testkit.helpers import FAST, png_b64
+from sdxl_tools.staging import stage_components
+from testkit.helpers import FAST, LATE_STEPS, guidance_outlasting_the_estimate, png_b64
 from testkit.platforms import MLSERVER, server_env, unmet_requirements
 from testkit.processes import free_port, running
 
@@ -43,7 +44,11 @@ class MLServer:
     def __init__(self, url: str):
         self.url = url
 
-    def infer(self, body: dict) -> requests.Response:
+    def infer(self, body: dict | bytes) -> requests.Response:
+        """POST ``body`` (a dict → JSON, or the raw bytes of a body)."""
+        if isinstance(body, bytes):
+            headers = {"Content-Type": "application/json"}
+            return requests.post(f"{self.url}/v2/models/sdxl/infer", data=body, headers=headers, timeout=300)
         return requests.post(f"{self.url}/v2/models/sdxl/infer", json=body, timeout=300)
 
 
@@ -52,9 +57,9 @@ def venv(platform_venv) -> Path:
     return platform_venv(MLSERVER.name)
 
 
-@pytest.fixture(scope="module")
-def server(venv, cn_artifact, tmp_path_factory) -> Iterator[MLServer]:
-    """The artifact with the tiny ControlNets packaged."""
+@contextlib.contextmanager
+def mlserver(venv: Path, artifact: Path, log: Path) -> Iterator[MLServer]:
+    """``mlserver start <artifact>`` on 127.0.0.1 until the model is ready; stopped afterwards."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     env = server_env(
         venv,
@@ -64,11 +69,17 @@ def server(venv, cn_artifact, tmp_path_factory) -> Iterator[MLServer]:
         MLSERVER_METRICS_PORT=str(metrics),
     )
     url = f"http://127.0.0.1:{http}"
-    log = tmp_path_factory.mktemp("mlserver") / "log"
     with running(
-        [str(venv / "bin" / "mlserver"), "start", str(cn_artifact)], f"{url}/v2/models/sdxl/ready", log, env, 420
+        [str(venv / "bin" / "mlserver"), "start", str(artifact)], f"{url}/v2/models/sdxl/ready", log, env, 420
     ):
         yield MLServer(url)
+
+
+@pytest.fixture(scope="module")
+def server(venv, cn_artifact, tmp_path_factory) -> Iterator[MLServer]:
+    """The artifact with the tiny ControlNets packaged."""
+    with mlserver(venv, cn_artifact, tmp_path_factory.mktemp("mlserver") / "log") as server:
+        yield server
 
 
 def test_the_image_holds_the_artifacts_requirements(venv):
@@ -172,6 +183,38 @@ def test_malformed_v2_inputs_are_a_400_naming_the_input_and_the_server_keeps_ser
     assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
 
 
+def test_brackets_nested_100000_deep_inside_a_prompt_string_are_the_models_400(server):
+    response = server.infer(v2(column("prompt", ["[" * 100_000]), **FAST))
+    assert response.status_code == 400, response.text[:2000]
+    assert "Row 0: 'prompt' has 100000 characters, over the 4000 limit" in response.json()["error"]
+    assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
+
+
+PROMPT = b'{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": '
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [' + PROMPT + b"[" * 50_000 + b'"a"' + b"]" * 50_000 + b"}]}",
+        b'{"inputs": [' + PROMPT + b'["a"]}], "parameters": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+    ],
+    ids=["nested arrays in data", "nested objects in parameters"],
+)
+def test_json_nested_50000_deep_is_mlservers_own_422_before_the_runtime(server, body):
+    """MLServer parses the body (with orjson, which has a depth limit) before any runtime code runs: FastAPI
+    answers the parse error itself with a 422, not a 500 (docs/limits.md); the server keeps serving."""
+    response = server.infer(body)
+    assert response.status_code == 422, response.text[:2000]
+    detail = response.json()["detail"][0]
+    assert (detail["type"], detail["msg"], detail["ctx"]) == (
+        "json_invalid",
+        "JSON decode error",
+        {"error": "depth limit exceeded"},
+    )
+    assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0
+
+
 def test_a_datatype_v2_does_not_have_is_mlservers_own_422_before_the_runtime(server):
     """MLServer validates the body's types (pydantic) before any runtime code runs (docs/deploy-mlserver.md)."""
     response = server.infer(v2(column("prompt", ["a"], "STRING"), **FAST))
@@ -218,3 +261,23 @@ def test_sigterm_mid_request_with_parallel_workers_0_finishes_the_request_and_ex
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_request_timeout_s_refuses_up_front_with_a_400_and_stops_a_late_request_with_a_504(venv, tiny, tmp_path):
+    """``request_timeout_s`` (model config, 8 s) with MLServer's default parallel worker: 4 × 1024² is a 400
+    giving the estimate and the limit; a request that outlasts its estimate (64² rows at 150 steps, see
+    ``guidance_outlasting_the_estimate``) stops at its deadline with a 504 naming it, not a 500; the server
+    keeps serving."""
+    staged = stage_components(tiny.base, tiny.refiner, tmp_path / "sdxl")
+    with_deadline = save_artifact(staged, tmp_path / "model", model_config={"request_timeout_s": 8})
+    with mlserver(venv, with_deadline, tmp_path / "log") as server:
+        refused = server.infer(v2(column("prompt", ["a cat"] * 4), num_inference_steps=8, height=1024, width=1024))
+        assert refused.status_code == 400, refused.text[:2000]
+        assert "would take about" in refused.json()["error"]
+        assert "of its 8 s limit (request_timeout_s)" in refused.json()["error"]
+        guidance = guidance_outlasting_the_estimate(tmp_path / "log", 8)
+        prompts, scales = column("prompt", ["a cat"] * len(guidance)), column("guidance_scale", guidance, "FP64")
+        late = server.infer(v2(prompts, scales, num_inference_steps=LATE_STEPS, height=64, width=64))
+        assert late.status_code == 504, late.text[:2000]
+        assert "The request passed its deadline (request_timeout_s)" in late.json()["error"]
+        assert outputs(server.infer(v2(column("prompt", ["a cat"]), **FAST)))["seed"]["data"][0] >= 0

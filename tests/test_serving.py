@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image
 
@@ -27,7 +29,7 @@ from model_pkg.contract import OUTPUT_COLUMNS
 from sdxl_tools.artifact import log_artifact
 from sdxl_tools.client import AZURE_OUTPUT_KEYS, b64_to_image
 from sdxl_tools.staging import stage_components
-from testkit.helpers import FAST, png_b64
+from testkit.helpers import FAST, MID_RUN_ROW, guidance_lasting, png_b64
 from testkit.scoring_server import ScoringServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,3 +359,32 @@ def test_a_request_that_cannot_finish_within_the_servers_timeout_is_refused_up_f
         assert "would take about" in message and "of its 5 s limit (request_timeout_s)" in message
         assert len(predictions(server.invoke(GOOD, timeout=30))) == 1
         assert "cost calibration at 256²" in server.log.read_text(errors="replace")
+
+
+def test_sigterm_mid_request_finishes_the_request_and_the_server_exits(registry):
+    """SIGTERM to the ``mlflow models serve`` process while a request generates: the CLI passes it on to
+    uvicorn (MLflow starts it with ``PR_SET_PDEATHSIG``), whose graceful shutdown lets the running request
+    answer 200; then every process of the server is gone (docs/serving.md, "Shutdown")."""
+    server = ScoringServer(f"models:/{NAME}@{ALIAS}", env={"MLFLOW_TRACKING_URI": registry}).start()
+    try:
+        processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(True)]
+
+        def timed(guidance: list[float]) -> float:
+            start = time.monotonic()
+            rows = [{"prompt": "a cat", "guidance_scale": g} for g in guidance]
+            predictions(server.invoke({"dataframe_records": rows, "params": MID_RUN_ROW}))
+            return time.monotonic() - start
+
+        rows = [{"prompt": "a cat", "guidance_scale": g} for g in guidance_lasting(8, timed, MAX_ROWS)]
+        body = {"dataframe_records": rows, "params": MID_RUN_ROW}  # about 8 s (at most 4 rows) on this machine now
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(server.invoke, body, timeout=300)
+            time.sleep(2)
+            assert not pending.done(), pending.result().text[:1000]  # still generating when the signal comes
+            server.process.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=300)
+        assert len(predictions(response)) == len(rows)
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert alive == [], f"still running 30 s after the answer: {alive}\n{server.log_text()}"
+    finally:
+        server.stop()

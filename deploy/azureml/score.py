@@ -5,7 +5,8 @@ Takes Azure ML's request body as it is, ``{"input_data": {"columns", "data", "in
 with ``data`` rows as lists or as objects, and returns the model's rows as a JSON list:
 ``prompt``, ``generated_image``, ``nsfw_content_detected``, ``seed`` (and ``error`` with
 ``on_error=null``). Bad input is an HTTP 400 whose ``message`` names the row and the field (Azure's
-generic MLflow script answers every failure with a 500). The script needs only itself and the model:
+generic MLflow script answers every failure with a 500); a request stopped at the model's deadline
+(``request_timeout_s``) is a 504. The script needs only itself and the model:
 the request conversion is the artifact's own code (``model_pkg.azure_request``), importable once
 ``load_model`` has put the artifact's ``code/`` folder on ``sys.path``. ``deployment.yml`` beside it
 uploads this folder alone.
@@ -55,6 +56,8 @@ def run(raw_data: str) -> list[dict[str, Any]] | AMLResponse:
     try:
         output = _model.predict(frame, params=params or None)
     except MlflowException as e:
+        if e.error_code == "DEADLINE_EXCEEDED":  # stopped at request_timeout_s: MLflow's 504, not a 500
+            return _error(e.message, e.error_code, e.get_http_status_code())
         if e.error_code not in CLIENT_ERRORS:
             raise  # azmlinfsrv answers 500 and logs the traceback
         return _bad_request(e.message, e.error_code)
@@ -62,5 +65,9 @@ def run(raw_data: str) -> list[dict[str, Any]] | AMLResponse:
 
 
 def _bad_request(message: str, error_code: str = "BAD_REQUEST") -> AMLResponse:
+    return _error(message, error_code, 400)
+
+
+def _error(message: str, error_code: str, status: int) -> AMLResponse:
     """The server's own error shape (``message``) plus MLflow's ``error_code``."""
-    return AMLResponse({"message": message, "error_code": error_code}, 400, json_str=True)
+    return AMLResponse({"message": message, "error_code": error_code}, status, json_str=True)

@@ -6,8 +6,9 @@ packaged safety checker; ``generated_image``, ``seed`` and ``error`` may be with
 which raises on ``None`` (an HTTP 500 after the images were made), and it sends an object column of
 booleans as strings. This runtime writes each output column as the V2 type its signature declares, with
 JSON ``null`` for nulls, and answers the model's bad-input errors (which name the row and the field)
-with HTTP 400 instead of 500. Requests are read as by the stock runtime: one V2 input per column, and
-request ``parameters`` other than ``content_type`` / ``headers`` are the model's params.
+with HTTP 400 instead of 500 (a request stopped at the model's deadline: 504). Requests are read as by
+the stock runtime: one V2 input per column, and request ``parameters`` other than ``content_type`` /
+``headers`` are the model's params.
 
 The raw inputs are checked before MLServer's codec reads them (:func:`check_inputs`), and the codec runs
 inside the runtime's error handling: a value its datatype cannot hold (``INT8 [300]``, ``INT64 [1.5]``),
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlserver.codecs import PandasCodec
-from mlserver.errors import InferenceError
+from mlserver.errors import InferenceError, MLServerError
 from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Parameters, ResponseOutput
 from mlserver_mlflow import MLflowRuntime
 
@@ -84,6 +85,14 @@ def check_inputs(payload: InferenceRequest, known: tuple[str, ...]) -> None:
         )
 
 
+class DeadlineExceeded(MLServerError):
+    """HTTP 504: the request was stopped at the model's deadline (``request_timeout_s``). The status is the
+    class's own, so it survives the way back from a parallel worker (an exception travels as its message)."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg, 504)
+
+
 class SDXLRuntime(MLflowRuntime):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         from model_pkg.contract import INPUT_COLUMNS  # the artifact's code, on sys.path once the model loaded
@@ -99,6 +108,8 @@ class SDXLRuntime(MLflowRuntime):
         except MlflowException as e:
             if e.error_code in CLIENT_ERRORS:
                 raise InferenceError(e.message) from None  # HTTP 400
+            if e.error_code == "DEADLINE_EXCEEDED":
+                raise DeadlineExceeded(e.message) from None
             raise
         declared = {tensor.name: tensor.datatype for tensor in self.outputs}  # from the signature, at load
         return InferenceResponse(
