@@ -46,7 +46,7 @@ SCRIPTS = {
     "Inpainting: pyfunc predict vs raw diffusers SDXL inpainting": ["bench_inpaint.py", "--torch-threads", "1"],
 }
 # These write their own marked section of RESULTS.md (kept below by kept_sections).
-SECTION_SCRIPTS = [["bench_controlnet.py", "--torch-threads", "1"]]
+SECTION_SCRIPTS = [["bench_controlnet.py", "--torch-threads", "1"], ["bench_parse.py"], ["bench_deadline.py"]]
 
 
 def run_script(args: list[str]) -> str:
