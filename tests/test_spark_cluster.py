@@ -277,6 +277,15 @@ def test_sample_job_spreads_rows_over_executors_and_restarts(spark, artifact, tm
 # ---- an executor killed mid-job ---------------------------------------------------------------------------
 
 
+def stage_running(tracker, tasks: int) -> int | None:
+    """An active stage running at least ``tasks`` tasks at this moment."""
+    for stage in tracker.getActiveStageIds():
+        info = tracker.getStageInfo(stage)
+        if info is not None and info.numActiveTasks >= tasks:
+            return stage
+    return None
+
+
 def test_executor_killed_mid_job_every_row_once_and_bytes_equal(spark, cluster, artifact, local_model, tmp_path):
     frame = rows_frame(16)
     sdf = spark.createDataFrame(frame, SCHEMA).repartition(4, "id")
@@ -288,15 +297,20 @@ def test_executor_killed_mid_job_every_row_once_and_bytes_equal(spark, cluster, 
         .select("id", "r.*").write.parquet(str(out))
     )  # fmt: skip
     executors = cluster.executor_pids()
+    tracker = spark.sparkContext.statusTracker()
     job.start()
-    deadline = time.monotonic() + 120
-    while not copies(tmp_path / "cache") and time.monotonic() < deadline:  # the job is scoring
-        time.sleep(0.2)
-    time.sleep(2)
+    # Wait until both executors (one core each) run a scoring task: the killed one is then mid-task. The
+    # cache folder cannot tell: Python workers that loaded the model for an earlier test reuse it.
+    deadline, busy = time.monotonic() + 120, None
+    while busy is None and time.monotonic() < deadline:
+        busy = stage_running(tracker, tasks=2)
+        time.sleep(0.1)
+    assert busy is not None and job.is_alive(), "the job never ran two tasks at once"
     victim = executors[0]
     psutil.Process(victim).kill()
     job.join(timeout=400)
     assert not job.is_alive()
+    assert tracker.getStageInfo(busy).numFailedTasks >= 1  # the kill cost a running task, which ran again
     scored = pd.read_parquet(out)
     assert sorted(scored["id"]) == list(frame["id"])  # every row exactly once
     assert scored["error"].isna().all()
