@@ -170,7 +170,8 @@ def test_spark_udf_honours_model_config(spark, artifact):
 
 
 def probe(spark, partitions: int = 2) -> list[tuple[int, int, int]]:
-    """(pid, model_udf loads, spark_udf models) of the Python worker of each of ``partitions`` tasks."""
+    """(pid, most model_udf loads of one (URI, config), spark_udf models) of the Python worker of each of
+    ``partitions`` tasks."""
     import os
 
     from pyspark.sql.functions import pandas_udf
@@ -181,7 +182,8 @@ def probe(spark, partitions: int = 2) -> list[tuple[int, int, int]]:
         from sdxl_tools import spark as route
 
         for batch in batches:
-            yield pd.Series([f"{os.getpid()} {sum(route.LOADS.values())} {len(SparkModelCache._models)}"] * len(batch))
+            loads = max(route.LOADS.values(), default=0)
+            yield pd.Series([f"{os.getpid()} {loads} {len(SparkModelCache._models)}"] * len(batch))
 
     udf = pandas_udf(count, returnType="string")
     df = spark.range(partitions).repartition(partitions)
@@ -217,7 +219,6 @@ def test_spark_udf_one_copy_per_node(spark, cluster, artifact):
 def test_model_udf_one_copy_per_node_one_load_per_worker_and_cleanup(spark, cluster, artifact, tmp_path):
     cache = tmp_path / "cache"
     before_tmp, before_zips = copies(cluster.root / "executor-tmp"), set(cluster.root.glob("worker*/app-*/*/*.zip"))
-    loads_before = {pid: loads for pid, loads, _ in probe(spark)}
 
     # a config no earlier test used: a Python worker keeps the models it loaded, keyed by URI and config
     config = ONE_THREAD | {"max_rows": 9_999}
@@ -231,8 +232,9 @@ def test_model_udf_one_copy_per_node_one_load_per_worker_and_cleanup(spark, clus
     assert set(cluster.root.glob("worker*/app-*/*/*.zip")) == before_zips  # nothing shipped through the driver
     after = probe(spark)
     print(f"model_udf: cache {du(cache)} B (artifact {du(artifact)} B); workers {after}")
-    # a worker that ran both jobs loaded once (a worker Spark replaced meanwhile loads once too)
-    assert all(loads - loads_before.get(pid, 0) <= 1 for pid, loads, _ in after), after
+    # a worker loads a model once for both jobs, whichever worker the probe lands on (a worker that ran
+    # earlier tests holds other models, counted per (URI, config))
+    assert all(loads <= 1 for _, loads, _ in after), after
 
     # three other models (copies of the artifact elsewhere): the cache keeps the newest two
     others = []
