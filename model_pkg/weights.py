@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,9 +40,12 @@ def _header_problem(path: Path, size: int) -> str | None:
     return None if 8 + length + end == size else f"tensors end at byte {8 + length + end}, the file has {size}"
 
 
-def verify_weights(root: str | Path, files: dict[str, Any] | None, hashes: dict[str, str], full: bool) -> None:
+def verify_weights(
+    root: str | Path, files: dict[str, Any] | None, hashes: dict[str, str], full: bool, done: Callable = lambda n: 0
+) -> None:
     """Raise naming the component and file when a file differs from ``files`` (component folder ->
     {file: {"sha256", "size"}}); ``full`` hashes every byte, else sizes and safetensors headers.
+    ``done(size)`` is called after each file checked (a progress bar's ``update``).
 
     Every component hash must also follow from its files' recorded digests, so an edited hash fails
     too; with ``full`` the ``model_hash`` computed from those hashes is the content's, not a claim.
@@ -66,6 +70,7 @@ def verify_weights(root: str | Path, files: dict[str, Any] | None, hashes: dict[
                 problem = _header_problem(path, size)
             if problem:
                 raise MlflowException(f"component {component}, file {name}: {problem}")
+            done(size)
         derived = component_digest({n: r["sha256"] for n, r in records.items()})
         if component in hashes and hashes[component] != derived:
             raise MlflowException(

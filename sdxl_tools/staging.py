@@ -167,8 +167,8 @@ def _records(files: list[Path], root: Path, label: str) -> dict[str, dict[str, A
     records: dict[str, dict[str, Any]] = {}
     with byte_bar(sum(p.stat().st_size for p in files), f"hashing {label}") as bar:
         for p in sorted(files):
-            records[str(p.relative_to(root))] = {"sha256": file_sha256(p), "size": p.stat().st_size}
-            bar.update(p.stat().st_size)
+            records[str(p.relative_to(root))] = record = {"sha256": file_sha256(p), "size": p.stat().st_size}
+            bar.update(record["size"])
     return records
 
 

@@ -29,12 +29,8 @@ def verify_model(local: str | Path) -> Verified:
     folder = local / Model.load(str(local)).flavors["python_function"]["artifacts"]["sdxl"]["path"]
     manifest = json.loads((folder / MANIFEST).read_text())
     files, hashes = manifest.get(K.FILES), manifest.get(K.HASHES) or {}
-    verify_weights(folder, files, hashes, full=False)  # sizes, headers, hashes follow from digests: ms
-    records = [r for component in files.values() for r in component.values()]
+    records = [r for component in (files or {}).values() for r in component.values()]
     total = sum(r["size"] for r in records)
-    with byte_bar(total, "verifying sha256") as bar:  # then every byte, file by file
-        for component, component_files in files.items():
-            for name, record in component_files.items():
-                verify_weights(folder, {component: {name: record}}, {}, full=True)
-                bar.update(record["size"])
+    with byte_bar(total, "verifying sha256") as bar:
+        verify_weights(folder, files, hashes, full=True, done=bar.update)
     return Verified(model_hash(hashes), len(records), total)

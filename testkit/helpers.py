@@ -93,7 +93,7 @@ def guidance_outlasting_the_estimate(server_log: Path, limit_s: float) -> list[f
     per_row = LATE_SIDE**2 / 1e6 * (LATE_STEPS * per_step + per_image)
     rows = max(1, min(16, int(limit_s / 3 / per_row)))
     assert rows * per_row < limit_s, f"one 64² row at 150 steps is estimated at {per_row:.1f} s: raise the limit"
-    return [5.0 + i / 10 for i in range(rows)]
+    return distinct_guidance(rows)
 
 
 MID_RUN_ROW = {"height": 256, "width": 256, "num_inference_steps": 40}  # one row of a mid-run request
@@ -108,4 +108,9 @@ def guidance_lasting(seconds: float, timed: Callable[[list[float]], float], most
     timed([5.0])
     one, two = timed([5.0]), timed([5.0, 5.1])
     per_row = max(two - one, 0.05)
-    return [5.0 + i / 10 for i in range(max(1, min(most, round((seconds - one) / per_row) + 1)))]
+    return distinct_guidance(max(1, min(most, round((seconds - one) / per_row) + 1)))
+
+
+def distinct_guidance(rows: int) -> list[float]:
+    """``rows`` distinct ``guidance_scale`` values: rows that differ in one setting are never batched together."""
+    return [5.0 + i / 10 for i in range(rows)]
